@@ -1,0 +1,44 @@
+"""The Energy interface shared by every target distribution."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+import torch
+from torch import Tensor, nn
+
+
+class Energy(nn.Module, ABC):
+    """A reduced potential u(x) = U(x)/kT of a batch of configurations.
+
+    Subclasses implement :meth:`reduced_energy`. Calling the module casts ``x`` to float64,
+    evaluates, and counts evaluations in :attr:`evaluations` (one per configuration), which the
+    summary reports as ``energy_evaluations``.
+
+    Shapes: ``x`` is ``[batch, dim]`` (for molecules, flattened positions in nm, ``dim = 3 * n_atoms``);
+    the result is ``[batch]`` float64, dimensionless. A NaN or inf result is returned as is: callers
+    handle it by the rule in DESIGN.md (weight 0, counted), never by replacing it here.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.evaluations = 0
+
+    @abstractmethod
+    def reduced_energy(self, x: Tensor) -> Tensor:
+        """u(x) for float64 ``x`` of shape ``[batch, dim]``; returns ``[batch]`` float64."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise ValueError(f"{type(self).__name__} expects x of shape [batch, {self.dim}], got {list(x.shape)}")
+        self.evaluations += x.shape[0]
+        return self.reduced_energy(x.to(torch.float64))
+
+    def force(self, x: Tensor) -> Tensor:
+        """-du/dx in kT per unit of x, shape ``[batch, dim]``, float64, by autograd."""
+        x = x.detach().to(torch.float64).requires_grad_(True)
+        with torch.enable_grad():
+            u = self(x)
+            (grad,) = torch.autograd.grad(u.sum(), x)
+        return -grad
