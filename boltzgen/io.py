@@ -1,0 +1,177 @@
+"""Files: atomic writes, and HDF5 samples in mdtraj's layout plus extra per-frame datasets.
+
+A molecular ``samples.h5`` or ``md.h5`` holds ``coordinates`` ``[n_frames, n_atoms, 3]`` float32 in
+nm and the topology as JSON, exactly as mdtraj's HDF5 format, so ``mdtraj.load`` opens it (mdtraj
+reads HDF5 through PyTables). Per-frame extras (``log_q``, ``u``, ``log_w``, energies) are float64
+datasets beside them. Analytic systems have no topology; their ``positions`` are ``[n, dim]``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+
+class DataFileError(ValueError):
+    """A data file that cannot be used: the message is one line naming the file and the problem."""
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path``, on failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
+
+
+def atomic_write_json(path: str | Path, data: Any) -> None:
+    atomic_write_text(path, json.dumps(data, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"cannot write {type(value).__name__} to JSON")
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def topology_json(topology: Any) -> str:
+    """mdtraj's JSON serialization of an mdtraj (or OpenMM) topology."""
+    import mdtraj
+    from mdtraj.formats.hdf5 import HDF5TrajectoryFile
+
+    if not isinstance(topology, mdtraj.Topology):
+        topology = mdtraj.Topology.from_openmm(topology)
+    return json.dumps(HDF5TrajectoryFile.convert_topology_to_dict(topology))
+
+
+class SampleWriter:
+    """Streams frames into an HDF5 file, written atomically when :meth:`close` succeeds.
+
+    ``dim``: flattened state dimension. With ``topology`` (mdtraj or OpenMM), states are positions
+    in nm, stored as ``coordinates [n, dim/3, 3]`` in mdtraj's layout; otherwise as ``positions [n, dim]``.
+    ``extras``: names of per-frame float64 datasets to stream beside the positions.
+    """
+
+    def __init__(self, path: str | Path, dim: int, extras: tuple[str, ...] = (), topology: Any = None,
+                 attrs: dict[str, Any] | None = None) -> None:
+        self.path = Path(path)
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        self._file = h5py.File(self._tmp, "w")
+        self.n = 0
+        if topology is not None:
+            n_atoms = dim // 3
+            self._file.attrs.update({"conventions": "Pande", "conventionVersion": "1.1", "program": "boltzgen",
+                                     "programVersion": "0.1.0", "application": "boltzgen", "title": self.path.stem})
+            # Fixed-length bytes: PyTables, which mdtraj reads with, cannot read variable-length strings.
+            self._file.create_dataset("topology", data=np.array([topology_json(topology).encode()]))
+            self._positions = self._file.create_dataset("coordinates", shape=(0, n_atoms, 3), maxshape=(None, n_atoms, 3),
+                                                        dtype=np.float32, chunks=(max(1, 65536 // n_atoms), n_atoms, 3))
+            self._positions.attrs["units"] = "nanometers"
+        else:
+            self._positions = self._file.create_dataset("positions", shape=(0, dim), maxshape=(None, dim),
+                                                        dtype=np.float64, chunks=(max(1, 16384 // dim), dim))
+        self._extras = {name: self._file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(65536,))
+                        for name in extras}
+        for key, value in (attrs or {}).items():
+            self._file.attrs[key] = value
+
+    def append(self, x: np.ndarray | torch.Tensor, **extras: np.ndarray | torch.Tensor) -> None:
+        """Append ``x`` ``[batch, dim]`` and one ``[batch]`` array per extra name."""
+        x = _numpy(x)
+        batch = x.shape[0]
+        if set(extras) != set(self._extras):
+            raise ValueError(f"expected extras {sorted(self._extras)}, got {sorted(extras)}")
+        self._positions.resize(self.n + batch, axis=0)
+        self._positions[self.n:] = x.reshape((batch,) + self._positions.shape[1:])
+        for name, values in extras.items():
+            dataset = self._extras[name]
+            dataset.resize(self.n + batch, axis=0)
+            dataset[self.n:] = _numpy(values).astype(np.float64)
+        self.n += batch
+
+    def close(self) -> None:
+        self._file.close()
+        self._atomic.__exit__(None, None, None)
+
+    def abort(self) -> None:
+        self._file.close()
+        self._atomic.__exit__(RuntimeError, RuntimeError("aborted"), None)
+
+    def __enter__(self) -> "SampleWriter":
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort()
+
+
+def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:
+    if isinstance(values, torch.Tensor):
+        return values.detach().cpu().numpy()
+    return np.asarray(values)
+
+
+def read_samples(path: str | Path, datasets: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+    """Read a samples/MD file written by :class:`SampleWriter` (or by ``boltzgen md``).
+
+    Returns ``{"x": [n, dim] float64 (nm for molecules), <extra>: [n] ...}``. A missing, corrupt or
+    foreign file, or one with NaN positions, raises :class:`DataFileError` with a one-line message.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataFileError(f"{path}: file not found")
+    try:
+        with h5py.File(path, "r") as f:
+            if "coordinates" in f:
+                x = f["coordinates"][()].astype(np.float64)
+                x = x.reshape(x.shape[0], -1)
+            elif "positions" in f:
+                x = f["positions"][()].astype(np.float64)
+            else:
+                raise DataFileError(f"{path}: no 'coordinates' or 'positions' dataset; is this a boltzgen or mdtraj HDF5 file?")
+            names = datasets if datasets is not None else [k for k in f.keys() if k not in ("coordinates", "positions", "topology")]
+            out = {"x": x}
+            for name in names:
+                if name not in f:
+                    raise DataFileError(f"{path}: dataset '{name}' is missing")
+                out[name] = f[name][()]
+    except OSError as exc:
+        raise DataFileError(f"{path}: not a readable HDF5 file ({exc.__class__.__name__}: {str(exc).splitlines()[0]})") from None
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        first = int(np.flatnonzero(bad)[0])
+        raise DataFileError(f"{path}: {int(bad.sum())} frame(s) have NaN or inf coordinates (first: frame {first})")
+    return out

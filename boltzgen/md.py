@@ -1,0 +1,1144 @@
+"""OpenMM molecular-dynamics baseline: Langevin MD and umbrella sampling along a torsion.
+
+Everything that talks to OpenMM works in OpenMM's units (nm, ps, kJ/mol, K); results also carry
+reduced energies ``u = U / kT`` (dimensionless, float64).
+
+Trajectories are written in **mdtraj's HDF5 layout** ("Pande" conventions 1.1: ``/coordinates``
+[T, n_atoms, 3] float32 nm, ``/time`` [T] ps, ``/topology`` JSON, ``/potentialEnergy`` [T] kJ/mol),
+plus extra datasets (``potential_energy_kJ_mol``, ``reduced_energy``, ``final_positions_nm``, CVs).
+The file is written with h5py (the same layout as :class:`boltzgen.io.SampleWriter`), so
+``mdtraj.load`` opens it (mdtraj reads HDF5 through PyTables), :func:`boltzgen.io.read_samples`
+reads it, and :func:`load_trajectory_h5` reads it without PyTables.
+
+Public API
+----------
+- :func:`run_langevin` -> :class:`MDResult` (checkpoint/resume, optional bias forces)
+- :func:`load_md` -> :class:`MDResult` from a file written by :func:`run_langevin`
+- :func:`reduced_energy_at`, :func:`kT_kJ_per_mol`
+- :func:`umbrella_windows`, :func:`run_umbrella` -> :class:`UmbrellaResult`,
+  :func:`analyze_umbrella` -> :class:`UmbrellaEstimate` (MBAR unbiasing)
+- :func:`dihedral_rad`, :func:`write_trajectory_h5`, :func:`load_trajectory_h5`
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import h5py
+import mdtraj
+import numpy as np
+import openmm
+import openmm.app as app
+from openmm import unit
+from tqdm.auto import tqdm
+
+from boltzgen.io import atomic_path, atomic_write_json, topology_json
+
+__all__ = [
+    "MDResult",
+    "FreeEnergyProfile",
+    "UmbrellaEstimate",
+    "UmbrellaResult",
+    "kT_kJ_per_mol",
+    "reduced_energy_at",
+    "dihedral_rad",
+    "write_trajectory_h5",
+    "load_trajectory_h5",
+    "run_langevin",
+    "load_md",
+    "checkpoint_start_positions",
+    "umbrella_windows",
+    "umbrella_bias_force",
+    "umbrella_bias_kJ_mol",
+    "run_umbrella",
+    "analyze_umbrella",
+]
+
+#: Molar gas constant in kJ/(mol K), taken from OpenMM so that kT agrees with OpenMM's thermostat.
+R_KJ_PER_MOL_K: float = unit.MOLAR_GAS_CONSTANT_R.value_in_unit(unit.kilojoule_per_mole / unit.kelvin)
+
+_H5_FORMAT = "boltzgen.md/1"
+_TWO_PI = 2.0 * math.pi
+
+
+# ----------------------------------------------------------------------------------------------
+# units and small helpers
+# ----------------------------------------------------------------------------------------------
+
+
+def kT_kJ_per_mol(temperature_K: float) -> float:
+    """Thermal energy kT in kJ/mol at ``temperature_K`` (K)."""
+    if not temperature_K > 0:
+        raise ValueError(f"temperature_K must be positive, got {temperature_K}")
+    return R_KJ_PER_MOL_K * float(temperature_K)
+
+
+def reduced_energy_at(potential_kJ_mol: np.ndarray | float, temperature_K: float) -> np.ndarray:
+    """Reduced energy ``u = U / (k_B T)``.
+
+    Args:
+        potential_kJ_mol: potential energy U in kJ/mol, any shape (e.g. [T]).
+        temperature_K: temperature of the ensemble the energy is reduced to (K). For MD run at a
+            higher temperature, pass the *target* temperature to get the target's reduced energy.
+
+    Returns:
+        float64 array of the same shape, dimensionless (units of kT).
+    """
+    return np.asarray(potential_kJ_mol, dtype=np.float64) / kT_kJ_per_mol(temperature_K)
+
+
+def _openmm_seed(seed: int, stream: int) -> int:
+    """A positive 31-bit seed for OpenMM derived from (seed, stream).
+
+    OpenMM treats seed 0 as "pick a random seed", so a user seed of 0 must never reach it.
+    """
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(stream)]).generate_state(1)[0]
+    return int(state % (2**31 - 2)) + 1
+
+
+def _wrap_angle(x: np.ndarray) -> np.ndarray:
+    """Map angles (rad) to [-pi, pi)."""
+    return (np.asarray(x, dtype=np.float64) + math.pi) % _TWO_PI - math.pi
+
+
+def dihedral_rad(positions_nm: np.ndarray, atoms: Sequence[int]) -> np.ndarray:
+    """Dihedral angle of four atoms, IUPAC sign convention (the same as OpenMM and mdtraj).
+
+    Args:
+        positions_nm: [T, n_atoms, 3] or [n_atoms, 3] positions (any length unit).
+        atoms: four atom indices (i, j, k, l).
+
+    Returns:
+        [T] (or scalar array for a single frame) float64 angles in [-pi, pi] (rad).
+    """
+    if len(atoms) != 4:
+        raise ValueError(f"a dihedral needs 4 atoms, got {atoms!r}")
+    x = np.asarray(positions_nm, dtype=np.float64)
+    p = [x[..., int(a), :] for a in atoms]
+    b1, b2, b3 = p[1] - p[0], p[2] - p[1], p[3] - p[2]
+    n1 = np.cross(b1, b2)
+    n2 = np.cross(b2, b3)
+    b2_norm = np.linalg.norm(b2, axis=-1)
+    y = b2_norm * np.sum(b1 * n2, axis=-1)
+    xx = np.sum(n1 * n2, axis=-1)
+    return np.arctan2(y, xx)
+
+
+# ----------------------------------------------------------------------------------------------
+# mdtraj-layout HDF5 I/O (h5py only)
+# ----------------------------------------------------------------------------------------------
+
+
+def _topology_from_json(raw: bytes | str) -> mdtraj.Topology:
+    """Inverse of :func:`boltzgen.io.topology_json` (mirrors mdtraj's reader, needs no PyTables)."""
+    data = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    top = mdtraj.Topology()
+    for chain_dict in sorted(data["chains"], key=lambda c: c["index"]):
+        chain = top.add_chain(chain_id=chain_dict.get("chain_id"))
+        for res_dict in sorted(chain_dict["residues"], key=lambda r: r["index"]):
+            residue = top.add_residue(
+                res_dict["name"], chain, resSeq=res_dict.get("resSeq"), segment_id=res_dict.get("segmentID", "")
+            )
+            for atom_dict in sorted(res_dict["atoms"], key=lambda a: a["index"]):
+                try:
+                    element = mdtraj.element.get_by_symbol(atom_dict["element"])
+                except KeyError:
+                    element = mdtraj.element.virtual
+                top.add_atom(atom_dict["name"], element, residue)
+    atoms = list(top.atoms)
+    for a, b in data["bonds"]:
+        top.add_bond(atoms[a], atoms[b])
+    return top
+
+
+def write_trajectory_h5(
+    path: Path,
+    topology: app.Topology | mdtraj.Topology,
+    positions_nm: np.ndarray,
+    *,
+    time_ps: np.ndarray | None = None,
+    potential_energy_kJ_mol: np.ndarray | None = None,
+    datasets: Mapping[str, np.ndarray] | None = None,
+    attrs: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write a trajectory in mdtraj's HDF5 layout, atomically (temp file + ``os.replace``).
+
+    Args:
+        path: destination ``.h5`` file.
+        topology: OpenMM or mdtraj topology with ``n_atoms`` atoms.
+        positions_nm: [T, n_atoms, 3] positions in nm (stored as float32, as mdtraj does).
+        time_ps: [T] simulation time in ps (default: frame index).
+        potential_energy_kJ_mol: [T] potential energy in kJ/mol, stored as mdtraj's
+            ``potentialEnergy`` (float32) and, at full precision, as ``potential_energy_kJ_mol``.
+        datasets: extra root datasets (name -> array), stored as given.
+        attrs: extra root attributes (JSON-able scalars or strings).
+
+    Returns:
+        ``path``.
+    """
+    path = Path(path)
+    xyz = np.asarray(positions_nm, dtype=np.float32)
+    if xyz.ndim != 3 or xyz.shape[2] != 3:
+        raise ValueError(f"positions_nm must be [T, n_atoms, 3], got {xyz.shape}")
+    n_atoms = topology.n_atoms if isinstance(topology, mdtraj.Topology) else topology.getNumAtoms()
+    if xyz.shape[1] != n_atoms:
+        raise ValueError(f"positions have {xyz.shape[1]} atoms, topology has {n_atoms}")
+    n_frames = xyz.shape[0]
+    t = np.arange(n_frames, dtype=np.float32) if time_ps is None else np.asarray(time_ps, dtype=np.float32)
+    if t.shape != (n_frames,):
+        raise ValueError(f"time_ps must have shape ({n_frames},), got {t.shape}")
+
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["conventions"] = "Pande"
+            f.attrs["conventionVersion"] = "1.1"
+            f.attrs["program"] = "boltzgen"
+            f.attrs["programVersion"] = "0.1.0"
+            f.attrs["application"] = "boltzgen"
+            f.attrs["title"] = path.stem
+            f.attrs["format"] = _H5_FORMAT
+            # mdtraj stores the topology as a one-element fixed-length string array.
+            f.create_dataset("topology", data=np.array([topology_json(topology).encode("ascii")]))
+            # maxshape=None along frames mirrors mdtraj's extendable arrays (a mode "a" append works).
+            f.create_dataset("coordinates", data=xyz, maxshape=(None, n_atoms, 3), chunks=True)
+            f["coordinates"].attrs["units"] = "nanometers"
+            f.create_dataset("time", data=t, maxshape=(None,), chunks=True)
+            f["time"].attrs["units"] = "picoseconds"
+            if potential_energy_kJ_mol is not None:
+                pot = np.asarray(potential_energy_kJ_mol, dtype=np.float64)
+                if pot.shape != (n_frames,):
+                    raise ValueError(f"potential_energy_kJ_mol must have shape ({n_frames},), got {pot.shape}")
+                f.create_dataset("potentialEnergy", data=pot.astype(np.float32), maxshape=(None,), chunks=True)
+                f["potentialEnergy"].attrs["units"] = "kilojoules_per_mole"
+                f.create_dataset("potential_energy_kJ_mol", data=pot)
+            for name, value in (datasets or {}).items():
+                f.create_dataset(name, data=np.asarray(value))
+            for name, value in (attrs or {}).items():
+                f.attrs[name] = value
+    return path
+
+
+def load_trajectory_h5(path: Path) -> mdtraj.Trajectory:
+    """Read a file in mdtraj's HDF5 layout into an ``mdtraj.Trajectory`` (h5py, no PyTables).
+
+    Returns:
+        Trajectory with xyz [T, n_atoms, 3] nm and time [T] ps.
+    """
+    with h5py.File(path, "r") as f:
+        top = _topology_from_json(f["topology"][0])
+        xyz = f["coordinates"][...]
+        t = f["time"][...] if "time" in f else None
+    return mdtraj.Trajectory(xyz, top, time=t)
+
+
+# ----------------------------------------------------------------------------------------------
+# Langevin MD
+# ----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class MDResult:
+    """Output of :func:`run_langevin` (also what :func:`load_md` returns).
+
+    Attributes:
+        positions_nm: [T, n_atoms, 3] float32 frames (nm), one every ``report_every`` steps; frame
+            ``i`` is taken after ``(i + 1) * report_every`` steps (the start is not stored).
+        time_ps: [T] float64 simulation time of each frame (ps).
+        potential_energy_kJ_mol: [T] float64 potential energy *without* any bias force (kJ/mol).
+        reduced_energy: [T] float64 ``potential_energy_kJ_mol / kT(target_temperature_K)``.
+        bias_energy_kJ_mol: [T] float64 energy of the bias forces (kJ/mol), or None without bias.
+        dihedrals_rad: name -> [T] float64 recorded dihedrals (rad, in [-pi, pi]).
+        final_positions_nm: [n_atoms, 3] float64 positions after the last step (nm).
+        temperature_K: thermostat temperature of the run (K).
+        target_temperature_K: temperature that ``reduced_energy`` refers to (K).
+        timestep_fs: integration time step (fs).
+        steps: number of MD steps run in total.
+        energy_evaluations: force evaluations of the dynamics (= steps, one per step). Storing a
+            frame costs one more energy evaluation (two with a bias), i.e. +1/report_every.
+        wall_seconds: wall-clock time of the MD over all (resumed) segments (s).
+        h5: path of the trajectory file.
+    """
+
+    positions_nm: np.ndarray
+    time_ps: np.ndarray
+    potential_energy_kJ_mol: np.ndarray
+    reduced_energy: np.ndarray
+    bias_energy_kJ_mol: np.ndarray | None
+    dihedrals_rad: Mapping[str, np.ndarray]
+    final_positions_nm: np.ndarray
+    temperature_K: float
+    target_temperature_K: float
+    timestep_fs: float
+    steps: int
+    energy_evaluations: int
+    wall_seconds: float
+    h5: Path
+
+    @property
+    def n_frames(self) -> int:
+        """Number of stored frames T."""
+        return int(self.positions_nm.shape[0])
+
+
+def _clone_force(force: openmm.Force) -> openmm.Force:
+    # System.addForce takes ownership, so a caller's Force object must never be added directly.
+    return openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(force))
+
+
+def _as_force_list(bias: openmm.Force | Sequence[openmm.Force] | None) -> list[openmm.Force]:
+    if bias is None:
+        return []
+    if isinstance(bias, openmm.Force):
+        return [bias]
+    return list(bias)
+
+
+def _prepare_system(
+    system: openmm.System, bias: Sequence[openmm.Force]
+) -> tuple[openmm.System, int | None, int | None]:
+    """Copy ``system`` and add the bias forces in a force group of their own.
+
+    Returns:
+        (system copy, bitmask of the unbiased groups or None, bitmask of the bias group or None).
+    """
+    sim_system = openmm.XmlSerializer.deserialize(openmm.XmlSerializer.serialize(system))
+    if not bias:
+        return sim_system, None, None
+    used = {sim_system.getForce(i).getForceGroup() for i in range(sim_system.getNumForces())}
+    free = [g for g in range(31, -1, -1) if g not in used]
+    if not free:
+        raise ValueError("all 32 force groups are in use; no group left for the bias")
+    bias_group = free[0]
+    for force in bias:
+        clone = _clone_force(force)
+        clone.setForceGroup(bias_group)
+        sim_system.addForce(clone)
+    bias_mask = 1 << bias_group
+    return sim_system, 0xFFFFFFFF & ~bias_mask, bias_mask
+
+
+def _fingerprint(
+    system_xml: str, positions_nm: np.ndarray, params: Mapping[str, Any]
+) -> str:
+    h = hashlib.sha256()
+    h.update(system_xml.encode())
+    h.update(np.ascontiguousarray(positions_nm, dtype=np.float64).tobytes())
+    h.update(json.dumps(dict(params), sort_keys=True).encode())
+    return h.hexdigest()
+
+
+@dataclass
+class _Progress:
+    """Mutable per-run buffers (frames so far) shared by the MD loop and the checkpoint writer."""
+
+    positions: list[np.ndarray] = field(default_factory=list)
+    potential: list[float] = field(default_factory=list)
+    bias: list[float] = field(default_factory=list)
+    wall_before: float = 0.0
+
+
+def _save_checkpoint(
+    path: Path,
+    context: openmm.Context,
+    buf: _Progress,
+    fingerprint: str,
+    step: int,
+    wall: float,
+    start_positions_nm: np.ndarray,
+) -> None:
+    positions = np.asarray(buf.positions, dtype=np.float32).reshape(len(buf.positions), -1, 3)
+    with atomic_path(path) as tmp:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = _H5_FORMAT + "/checkpoint"
+            f.attrs["fingerprint"] = fingerprint
+            f.attrs["step"] = int(step)
+            f.attrs["wall_seconds"] = float(wall)
+            f.create_dataset("openmm_checkpoint", data=np.frombuffer(context.createCheckpoint(), dtype=np.uint8))
+            f.create_dataset("positions_nm", data=positions)
+            f.create_dataset("potential_energy_kJ_mol", data=np.asarray(buf.potential, dtype=np.float64))
+            f.create_dataset("bias_energy_kJ_mol", data=np.asarray(buf.bias, dtype=np.float64))
+            f.create_dataset("start_positions_nm", data=np.asarray(start_positions_nm, dtype=np.float64))
+
+
+def checkpoint_start_positions(path: Path) -> np.ndarray | None:
+    """Start positions [n_atoms, 3] (nm) of the run a checkpoint belongs to, or None if absent.
+
+    Passing them back to :func:`run_langevin` with ``resume=True`` continues (or extends) that
+    run even when the caller would now start elsewhere.
+    """
+    path = Path(path)
+    if not path.exists():
+        return None
+    with h5py.File(path, "r") as f:
+        return f["start_positions_nm"][...] if "start_positions_nm" in f else None
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> tuple[bytes, _Progress, int]:
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("fingerprint") != fingerprint:
+            raise ValueError(
+                f"checkpoint {path} belongs to a different run (system, start positions or MD "
+                "parameters differ); delete it or pass resume=False"
+            )
+        blob = f["openmm_checkpoint"][...].tobytes()
+        buf = _Progress(
+            positions=list(f["positions_nm"][...]),
+            potential=list(f["potential_energy_kJ_mol"][...]),
+            bias=list(f["bias_energy_kJ_mol"][...]),
+            wall_before=float(f.attrs["wall_seconds"]),
+        )
+        step = int(f.attrs["step"])
+    return blob, buf, step
+
+
+def load_md(path: Path) -> MDResult:
+    """Load an :class:`MDResult` from a trajectory file written by :func:`run_langevin`."""
+    path = Path(path)
+    with h5py.File(path, "r") as f:
+        if f.attrs.get("format") != _H5_FORMAT:
+            raise ValueError(f"{path} was not written by boltzgen.md.run_langevin")
+        a = f.attrs
+        names = json.loads(a["dihedral_names"])
+        return MDResult(
+            positions_nm=f["coordinates"][...],
+            time_ps=f["time_ps"][...],
+            potential_energy_kJ_mol=f["potential_energy_kJ_mol"][...],
+            reduced_energy=f["reduced_energy"][...],
+            bias_energy_kJ_mol=f["bias_energy_kJ_mol"][...] if "bias_energy_kJ_mol" in f else None,
+            dihedrals_rad={n: f[f"{n}_rad"][...] for n in names},
+            final_positions_nm=f["final_positions_nm"][...],
+            temperature_K=float(a["temperature_K"]),
+            target_temperature_K=float(a["target_temperature_K"]),
+            timestep_fs=float(a["timestep_fs"]),
+            steps=int(a["steps"]),
+            energy_evaluations=int(a["energy_evaluations"]),
+            wall_seconds=float(a["wall_seconds"]),
+            h5=path,
+        )
+
+
+def _complete_output(out_h5: Path, fingerprint: str, steps: int, target_temperature_K: float) -> MDResult | None:
+    """The existing output if it is the finished result of this very run, else None."""
+    if not out_h5.exists():
+        return None
+    try:
+        with h5py.File(out_h5, "r") as f:
+            ok = (
+                f.attrs.get("format") == _H5_FORMAT
+                and f.attrs.get("fingerprint") == fingerprint
+                and int(f.attrs.get("steps", -1)) == steps
+                and float(f.attrs.get("target_temperature_K", -1.0)) == float(target_temperature_K)
+            )
+    except OSError:
+        return None
+    return load_md(out_h5) if ok else None
+
+
+def run_langevin(
+    system: openmm.System,
+    topology: app.Topology,
+    positions_nm: np.ndarray,
+    *,
+    temperature_K: float,
+    steps: int,
+    report_every: int,
+    seed: int,
+    out_h5: Path,
+    timestep_fs: float = 1.0,
+    friction_per_ps: float = 1.0,
+    platform: str = "Reference",
+    platform_properties: Mapping[str, str] | None = None,
+    checkpoint: Path | None = None,
+    checkpoint_every: int = 1000,
+    resume: bool = False,
+    target_temperature_K: float | None = None,
+    bias: openmm.Force | Sequence[openmm.Force] | None = None,
+    record_dihedrals: Mapping[str, Sequence[int]] | None = None,
+    extra_attrs: Mapping[str, Any] | None = None,
+    progress: bool = True,
+    on_frame: Callable[[int, int], None] | None = None,
+) -> MDResult:
+    """Langevin MD (``LangevinMiddleIntegrator``) with a fixed seed, written to an HDF5 trajectory.
+
+    Frames are taken every ``report_every`` steps; frame ``i`` is the state after
+    ``(i + 1) * report_every`` steps, so the file holds exactly ``steps // report_every`` frames.
+    Initial velocities are drawn from Maxwell-Boltzmann at ``temperature_K`` (seeded), so the run
+    is reproducible bit for bit on the Reference platform.
+
+    Args:
+        system: OpenMM system (not modified; a copy is simulated).
+        topology: OpenMM topology matching ``system`` (written into the HDF5 file).
+        positions_nm: [n_atoms, 3] start positions (nm).
+        temperature_K: thermostat temperature (K). May be higher than the target (training MD).
+        steps: total number of MD steps; a multiple of ``report_every``.
+        report_every: steps between stored frames.
+        seed: integer seed for velocities and the integrator's random stream.
+        out_h5: output file, written atomically at the end of the run.
+        timestep_fs: time step (fs).
+        friction_per_ps: Langevin friction coefficient (1/ps).
+        platform: OpenMM platform name ("Reference", "CPU", "CUDA", ...).
+        platform_properties: optional OpenMM platform properties (e.g. ``{"Threads": "1"}``).
+        checkpoint: checkpoint file (integrator/context state + frames so far), or None.
+        checkpoint_every: frames between checkpoint writes.
+        resume: continue from ``checkpoint`` if it exists (its run must have the same system,
+            start positions and MD parameters; ``steps`` may be larger, which extends the run). If
+            ``out_h5`` already holds the finished result of the same run, it is loaded and returned.
+        target_temperature_K: temperature for ``reduced_energy`` (default: ``temperature_K``).
+        bias: extra force(s) added for the simulation only, in a force group of their own;
+            stored potential energies exclude them, their energy goes to ``bias_energy_kJ_mol``.
+        record_dihedrals: name -> 4 atom indices; each is stored as dataset ``<name>_rad`` [T].
+        extra_attrs: extra attributes for the output file.
+        progress: show a tqdm progress bar (in steps).
+        on_frame: called as ``on_frame(frames_done, frames_total)`` after each stored frame (and
+            after any checkpoint write at that frame); an exception raised here aborts the run.
+
+    Returns:
+        :class:`MDResult`. Raises ``RuntimeError`` if the potential energy becomes non-finite.
+    """
+    if steps <= 0 or report_every <= 0 or steps % report_every:
+        raise ValueError(f"steps ({steps}) must be a positive multiple of report_every ({report_every})")
+    if checkpoint_every <= 0:
+        raise ValueError("checkpoint_every must be positive")
+    out_h5 = Path(out_h5)
+    checkpoint = None if checkpoint is None else Path(checkpoint)
+    target_T = float(temperature_K if target_temperature_K is None else target_temperature_K)
+    pos0 = np.asarray(positions_nm, dtype=np.float64)
+    if pos0.shape != (system.getNumParticles(), 3):
+        raise ValueError(f"positions_nm must be [{system.getNumParticles()}, 3], got {pos0.shape}")
+    dihedrals = {str(k): tuple(int(i) for i in v) for k, v in (record_dihedrals or {}).items()}
+
+    bias_forces = _as_force_list(bias)
+    sim_system, unbiased_mask, bias_mask = _prepare_system(system, bias_forces)
+    params = {
+        "temperature_K": float(temperature_K),
+        "timestep_fs": float(timestep_fs),
+        "friction_per_ps": float(friction_per_ps),
+        "report_every": int(report_every),
+        "seed": int(seed),
+        "platform": platform,
+        "platform_properties": dict(platform_properties or {}),
+    }
+    fingerprint = _fingerprint(openmm.XmlSerializer.serialize(sim_system), pos0, params)
+
+    if resume:
+        done = _complete_output(out_h5, fingerprint, steps, target_T)
+        if done is not None:
+            return done
+
+    integrator = openmm.LangevinMiddleIntegrator(
+        temperature_K * unit.kelvin, friction_per_ps / unit.picosecond, timestep_fs * unit.femtosecond
+    )
+    integrator.setRandomNumberSeed(_openmm_seed(seed, 0))
+    omm_platform = openmm.Platform.getPlatformByName(platform)
+    context = openmm.Context(sim_system, integrator, omm_platform, dict(platform_properties or {}))
+    try:
+        context.setPositions(pos0 * unit.nanometer)
+        context.setVelocitiesToTemperature(temperature_K * unit.kelvin, _openmm_seed(seed, 1))
+
+        buf = _Progress()
+        step = 0
+        if resume and checkpoint is not None and checkpoint.exists():
+            blob, buf, step = _load_checkpoint(checkpoint, fingerprint)
+            if step > steps:
+                raise ValueError(f"checkpoint {checkpoint} is at step {step}, beyond the requested {steps}")
+            context.loadCheckpoint(blob)
+
+        n_total = steps // report_every
+        t_start = time.perf_counter()
+        with tqdm(
+            total=steps, initial=step, disable=not progress, unit="step", unit_scale=True, desc="MD"
+        ) as bar:
+            while len(buf.positions) < n_total:
+                integrator.step(report_every)
+                step += report_every
+                state = context.getState(
+                    getPositions=True,
+                    getEnergy=True,
+                    **({} if unbiased_mask is None else {"groups": unbiased_mask}),
+                )
+                pot = state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole)
+                if not math.isfinite(pot):
+                    raise RuntimeError(
+                        f"potential energy became {pot} at step {step}; reduce timestep_fs or minimize first"
+                    )
+                buf.positions.append(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer))
+                buf.potential.append(pot)
+                if bias_mask is not None:
+                    b_state = context.getState(getEnergy=True, groups=bias_mask)
+                    buf.bias.append(b_state.getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+                bar.update(report_every)
+                n_done = len(buf.positions)
+                if checkpoint is not None and (n_done % checkpoint_every == 0 or n_done == n_total):
+                    wall = buf.wall_before + time.perf_counter() - t_start
+                    _save_checkpoint(checkpoint, context, buf, fingerprint, step, wall, pos0)
+                if on_frame is not None:
+                    on_frame(n_done, n_total)
+        wall_seconds = buf.wall_before + time.perf_counter() - t_start
+        final_positions = (
+            context.getState(getPositions=True).getPositions(asNumpy=True).value_in_unit(unit.nanometer)
+        )
+    finally:
+        del context, integrator
+
+    xyz = np.asarray(buf.positions, dtype=np.float32).reshape(n_total, -1, 3)
+    potential = np.asarray(buf.potential, dtype=np.float64)
+    reduced = reduced_energy_at(potential, target_T)
+    time_ps = (np.arange(1, n_total + 1, dtype=np.float64) * report_every * timestep_fs) / 1000.0
+    bias_energy = np.asarray(buf.bias, dtype=np.float64) if bias_mask is not None else None
+    dihedral_values = {name: dihedral_rad(xyz, atoms) for name, atoms in dihedrals.items()}
+
+    datasets: dict[str, np.ndarray] = {
+        "reduced_energy": reduced,
+        "time_ps": time_ps,
+        "final_positions_nm": np.asarray(final_positions, dtype=np.float64),
+    }
+    if bias_energy is not None:
+        datasets["bias_energy_kJ_mol"] = bias_energy
+    for name, values in dihedral_values.items():
+        datasets[f"{name}_rad"] = values
+    attrs: dict[str, Any] = {
+        **{k: v for k, v in params.items() if k != "platform_properties"},
+        "fingerprint": fingerprint,
+        "steps": int(steps),
+        "target_temperature_K": target_T,
+        "energy_evaluations": int(steps),
+        "wall_seconds": float(wall_seconds),
+        "kT_kJ_per_mol": kT_kJ_per_mol(target_T),
+        "dihedral_names": json.dumps(list(dihedrals)),
+        "dihedral_atoms": json.dumps(dihedrals),
+        **dict(extra_attrs or {}),
+    }
+    write_trajectory_h5(
+        out_h5,
+        topology,
+        xyz,
+        time_ps=time_ps,
+        potential_energy_kJ_mol=potential,
+        datasets=datasets,
+        attrs=attrs,
+    )
+    return MDResult(
+        positions_nm=xyz,
+        time_ps=time_ps,
+        potential_energy_kJ_mol=potential,
+        reduced_energy=reduced,
+        bias_energy_kJ_mol=bias_energy,
+        dihedrals_rad=dihedral_values,
+        final_positions_nm=np.asarray(final_positions, dtype=np.float64),
+        temperature_K=float(temperature_K),
+        target_temperature_K=target_T,
+        timestep_fs=float(timestep_fs),
+        steps=int(steps),
+        energy_evaluations=int(steps),
+        wall_seconds=float(wall_seconds),
+        h5=out_h5,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# umbrella sampling along a torsion
+# ----------------------------------------------------------------------------------------------
+
+
+def umbrella_windows(
+    spacing_deg: float | None = None,
+    skip_ranges_deg: Sequence[tuple[float, float]] = (),
+    *,
+    k_kJ_per_mol_rad2: float | None = None,
+    temperature_K: float = 300.0,
+    spacing_in_sigmas: float = 1.5,
+) -> np.ndarray:
+    """Evenly spaced window centres covering the circle [-pi, pi).
+
+    Args:
+        spacing_deg: spacing between centres (deg); rounded down so that it divides 360 evenly.
+            If None, derived from the spring: ``spacing_in_sigmas * sqrt(kT / k)``, the width of a
+            window's distribution on a flat landscape, so neighbouring windows overlap. (On steep
+            slopes a window's distribution shifts downhill, so keep the factor <= ~1.5.)
+        skip_ranges_deg: closed intervals (lo, hi) in degrees, in [-180, 180], whose centres are
+            left out. For alanine dipeptide REFERENCES.md advises leaving out phi ~ 120-130 deg
+            (e.g. ``((110, 140),)``) unless psi is biased too.
+        k_kJ_per_mol_rad2: spring constant (kJ/mol/rad^2), needed when ``spacing_deg`` is None.
+        temperature_K: temperature for kT (K), used only with ``k_kJ_per_mol_rad2``.
+        spacing_in_sigmas: spacing in units of the flat-landscape window width.
+
+    Returns:
+        [K] float64 centres in radians, increasing, in [-pi, pi).
+    """
+    if spacing_deg is None:
+        if k_kJ_per_mol_rad2 is None:
+            raise ValueError("give spacing_deg or k_kJ_per_mol_rad2")
+        sigma_deg = math.degrees(math.sqrt(kT_kJ_per_mol(temperature_K) / k_kJ_per_mol_rad2))
+        spacing_deg = spacing_in_sigmas * sigma_deg
+    if not 0 < spacing_deg <= 180:
+        raise ValueError(f"spacing_deg must be in (0, 180], got {spacing_deg}")
+    n = math.ceil(360.0 / spacing_deg - 1e-9)
+    centers_deg = -180.0 + np.arange(n) * (360.0 / n)
+    keep = np.ones(n, dtype=bool)
+    for lo, hi in skip_ranges_deg:
+        keep &= ~((centers_deg >= lo) & (centers_deg <= hi))
+    return np.radians(centers_deg[keep])
+
+
+def umbrella_bias_force(
+    dihedral_atoms: Sequence[int], center_rad: float, k_kJ_per_mol_rad2: float
+) -> openmm.CustomTorsionForce:
+    """Harmonic, periodic-aware torsion restraint ``0.5 k d(theta, theta0)^2`` (kJ/mol).
+
+    ``d`` is the minimum-image angle difference, so the bias is continuous across +-pi.
+    """
+    force = openmm.CustomTorsionForce(
+        "0.5*k_umb*min(dtheta, 2*pi - dtheta)^2; dtheta = abs(theta - theta0); pi = 3.141592653589793"
+    )
+    force.addGlobalParameter("k_umb", float(k_kJ_per_mol_rad2))
+    force.addGlobalParameter("theta0", float(center_rad))
+    force.addTorsion(*(int(a) for a in dihedral_atoms), [])
+    return force
+
+
+def umbrella_bias_kJ_mol(phi_rad: np.ndarray, centers_rad: np.ndarray, k_kJ_per_mol_rad2: float) -> np.ndarray:
+    """Bias energies of samples under every window.
+
+    Args:
+        phi_rad: [N] torsion values (rad).
+        centers_rad: [K] window centres (rad).
+        k_kJ_per_mol_rad2: spring constant (kJ/mol/rad^2).
+
+    Returns:
+        [K, N] float64 bias energies (kJ/mol).
+    """
+    d = _wrap_angle(np.asarray(phi_rad, dtype=np.float64)[None, :] - np.asarray(centers_rad, dtype=np.float64)[:, None])
+    return 0.5 * float(k_kJ_per_mol_rad2) * d**2
+
+
+@dataclass(frozen=True, eq=False)
+class FreeEnergyProfile:
+    """Free-energy profile along a periodic CV.
+
+    Attributes:
+        bin_centers_rad: [B] bin centres (rad).
+        bin_edges_rad: [B + 1] bin edges (rad), from -pi to pi.
+        f_kT: [B] ``-ln p_b`` of the bin probabilities (kT), shifted so that the lowest bin is 0;
+            +inf for bins with no samples.
+        stderr_kT: [B] MBAR's analytic standard error of ``f_kT[b] - f_kT[lowest]`` (kT); 0 at the
+            lowest bin, NaN for empty bins.
+    """
+
+    bin_centers_rad: np.ndarray
+    bin_edges_rad: np.ndarray
+    f_kT: np.ndarray
+    stderr_kT: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class UmbrellaEstimate:
+    """MBAR estimates from umbrella-sampling data (see :func:`analyze_umbrella`).
+
+    Attributes:
+        delta_f_kT: ``F_B - F_A = -ln(p_B / p_A)`` (kT), A the complement of B.
+        stderr_kT: MBAR's analytic standard error of ``delta_f_kT`` (kT).
+        delta_f_halves_kT: (first half, second half) of every window's production data, each
+            analysed on its own: a check of stationarity and of the analytic error.
+        halves_stderr_kT: ``|first - second| / 2``, a crude independent-chunk standard error (kT).
+        p_b: unbiased probability of state B.
+        profile: :class:`FreeEnergyProfile` along the CV.
+        statistical_inefficiency: [K] per-window g (in frames) used for subsampling.
+        n_uncorrelated: [K] frames per window that went into MBAR.
+    """
+
+    delta_f_kT: float
+    stderr_kT: float
+    delta_f_halves_kT: tuple[float, float]
+    halves_stderr_kT: float
+    p_b: float
+    profile: FreeEnergyProfile
+    statistical_inefficiency: np.ndarray
+    n_uncorrelated: np.ndarray
+
+
+def _subsample(phi: np.ndarray, center: float, enabled: bool) -> tuple[np.ndarray, float]:
+    """Indices of roughly uncorrelated frames of one window, and the statistical inefficiency."""
+    from pymbar import timeseries  # lazy: pymbar prints a banner on import
+
+    n = len(phi)
+    if not enabled or n < 4:
+        return np.arange(n), 1.0
+    # The signed displacement from the centre is continuous across +-pi, unlike phi itself.
+    s = _wrap_angle(phi - center)
+    if np.ptp(s) == 0.0:
+        return np.arange(n), 1.0
+    g = float(timeseries.statistical_inefficiency(s))
+    idx = np.asarray(timeseries.subsample_correlated_data(s, g=g), dtype=int)
+    return idx, g
+
+
+def _mbar_estimate(
+    phi_per_window: Sequence[np.ndarray],
+    centers: np.ndarray,
+    k: float,
+    kT: float,
+    state_b: Callable[[np.ndarray], np.ndarray],
+    edges: np.ndarray,
+    initial_f_k: np.ndarray | None = None,
+) -> tuple[float, float, float, np.ndarray, np.ndarray, np.ndarray]:
+    """MBAR on already subsampled data.
+
+    Returns:
+        (dF, stderr, p_B, f_bins [B], stderr_bins [B], window free energies f_k [K]).
+    """
+    from pymbar import MBAR
+
+    phi = np.concatenate([np.asarray(p, dtype=np.float64) for p in phi_per_window])
+    n_k = np.array([len(p) for p in phi_per_window], dtype=int)
+    u_kn = umbrella_bias_kJ_mol(phi, centers, k) / kT
+    # The unbiased potential is common to every window at one temperature, so it cancels in MBAR.
+    # Centres are sorted, so BAR between neighbours is a cheap, good starting point.
+    init = {"initialize": "BAR"} if initial_f_k is None else {"initial_f_k": initial_f_k}
+    mbar = MBAR(u_kn, n_k, **init)
+    u_target = np.zeros_like(phi)
+
+    in_b = np.asarray(state_b(phi), dtype=bool)
+    if in_b.shape != phi.shape:
+        raise ValueError("state_b must map a [N] array of phi to a [N] boolean array")
+    with np.errstate(divide="ignore"):
+        res = mbar.compute_expectations(in_b.astype(np.float64), u_kn=u_target)
+    p_b, sigma_b = float(np.ravel(res["mu"])[0]), float(np.ravel(res["sigma"])[0])
+    if 0.0 < p_b < 1.0:
+        delta_f = -math.log(p_b / (1.0 - p_b))
+        # d/dp of -logit(p) is -1/(p(1-p)); A and B are complementary so this is exact error propagation.
+        stderr = sigma_b / (p_b * (1.0 - p_b))
+    else:
+        delta_f, stderr = (math.inf if p_b <= 0.0 else -math.inf), math.nan
+
+    n_bins = len(edges) - 1
+    bin_idx = np.clip(np.digitize(phi, edges) - 1, 0, n_bins - 1)
+    counts = np.bincount(bin_idx, minlength=n_bins)
+    occupied = np.flatnonzero(counts > 0)
+    f_bins = np.full(n_bins, np.inf)
+    se_bins = np.full(n_bins, np.nan)
+    indicators = (bin_idx[None, :] == occupied[:, None]).astype(np.float64)
+    with np.errstate(divide="ignore"):  # pymbar takes log of the 0/1 indicators
+        multi = mbar.compute_multiple_expectations(indicators, u_target, return_theta=True)
+    mu = np.asarray(multi["mu"], dtype=np.float64)
+    theta = np.asarray(multi["Theta"], dtype=np.float64)
+    m = len(occupied)
+    # pymbar 4.0's "covariances" output is the unscaled inner Theta block, so build Cov(mu_i, mu_j)
+    # from the scaled Theta the same way pymbar builds its "sigma".
+    cov = theta[:m, :m] + theta[m:, m:] - theta[:m, m:] - theta[m:, :m]
+    with np.errstate(divide="ignore"):
+        f_occ = -np.log(mu)
+    ref = int(np.argmin(f_occ))
+    # Var(ln p_b - ln p_r) by the delta method, with the MBAR covariance of the bin probabilities.
+    var = (
+        np.diag(cov) / mu**2
+        + cov[ref, ref] / mu[ref] ** 2
+        - 2.0 * cov[:, ref] / (mu * mu[ref])
+    )
+    f_bins[occupied] = f_occ - f_occ[ref]
+    se_bins[occupied] = np.sqrt(np.clip(var, 0.0, None))
+    return delta_f, stderr, p_b, f_bins, se_bins, np.asarray(mbar.f_k, dtype=np.float64)
+
+
+def analyze_umbrella(
+    phi_per_window: Sequence[np.ndarray],
+    centers_rad: Sequence[float],
+    k_kJ_per_mol_rad2: float,
+    temperature_K: float,
+    state_b: Callable[[np.ndarray], np.ndarray],
+    *,
+    bin_width_deg: float = 10.0,
+    subsample: bool = True,
+) -> UmbrellaEstimate:
+    """Unbias umbrella windows along a torsion with MBAR (pymbar 4).
+
+    Each window's series is subsampled by its statistical inefficiency (pymbar.timeseries) before
+    MBAR; the first and second halves of every window are also analysed on their own.
+
+    Args:
+        phi_per_window: K arrays [N_k] of production torsion values (rad), in time order.
+        centers_rad: [K] window centres (rad).
+        k_kJ_per_mol_rad2: spring constant of the windows (kJ/mol/rad^2).
+        temperature_K: temperature of all windows (K).
+        state_b: vectorised predicate, [N] phi (rad) -> [N] bool; state A is its complement.
+        bin_width_deg: bin width of the profile (deg); 360 must be a multiple of it (rounded).
+        subsample: subsample correlated data before MBAR.
+
+    Returns:
+        :class:`UmbrellaEstimate`.
+    """
+    centers = np.asarray(centers_rad, dtype=np.float64)
+    if len(phi_per_window) != len(centers):
+        raise ValueError(f"{len(phi_per_window)} windows of data but {len(centers)} centres")
+    kT = kT_kJ_per_mol(temperature_K)
+    n_bins = max(1, int(round(360.0 / bin_width_deg)))
+    edges = np.linspace(-math.pi, math.pi, n_bins + 1)
+
+    picked, gs = [], []
+    halves: tuple[list[np.ndarray], list[np.ndarray]] = ([], [])
+    for phi, c in zip(phi_per_window, centers):
+        phi = np.asarray(phi, dtype=np.float64)
+        idx, g = _subsample(phi, c, subsample)
+        picked.append(phi[idx])
+        gs.append(g)
+        mid = len(phi) // 2
+        for half, part in zip(halves, (phi[:mid], phi[mid:])):
+            half.append(part[_subsample(part, c, subsample)[0]])
+
+    delta_f, stderr, p_b, f_bins, se_bins, f_k = _mbar_estimate(
+        picked, centers, k_kJ_per_mol_rad2, kT, state_b, edges
+    )
+    half_df = tuple(
+        _mbar_estimate(h, centers, k_kJ_per_mol_rad2, kT, state_b, edges, initial_f_k=f_k)[0] for h in halves
+    )
+    return UmbrellaEstimate(
+        delta_f_kT=float(delta_f),
+        stderr_kT=float(stderr),
+        delta_f_halves_kT=(float(half_df[0]), float(half_df[1])),
+        halves_stderr_kT=float(abs(half_df[0] - half_df[1]) / 2.0),
+        p_b=p_b,
+        profile=FreeEnergyProfile(
+            bin_centers_rad=0.5 * (edges[:-1] + edges[1:]),
+            bin_edges_rad=edges,
+            f_kT=f_bins,
+            stderr_kT=se_bins,
+        ),
+        statistical_inefficiency=np.asarray(gs, dtype=np.float64),
+        n_uncorrelated=np.array([len(p) for p in picked], dtype=int),
+    )
+
+
+@dataclass(frozen=True, eq=False)
+class UmbrellaResult:
+    """Output of :func:`run_umbrella`.
+
+    Attributes:
+        centers_rad: [K] window centres (rad), increasing.
+        k_kJ_per_mol_rad2: spring constant (kJ/mol/rad^2).
+        temperature_K: temperature of all windows (K).
+        phi_per_window: K arrays [N] of production phi (rad), equilibration dropped.
+        psi_per_window: K arrays [N] of production psi (rad), or None if psi was not recorded.
+        potential_per_window: K arrays [N] of unbiased potential energy (kJ/mol).
+        delta_f_kT, stderr_kT, delta_f_halves_kT, halves_stderr_kT, profile,
+        statistical_inefficiency, n_uncorrelated: as in :class:`UmbrellaEstimate`.
+        estimate: the full :class:`UmbrellaEstimate`.
+        energy_evaluations: total MD steps, equilibration included.
+        wall_seconds: wall-clock time of the MD (all windows, all resumed segments) plus analysis (s).
+        window_h5: K trajectory files (mdtraj HDF5 layout), one per window.
+    """
+
+    centers_rad: np.ndarray
+    k_kJ_per_mol_rad2: float
+    temperature_K: float
+    phi_per_window: tuple[np.ndarray, ...]
+    psi_per_window: tuple[np.ndarray, ...] | None
+    potential_per_window: tuple[np.ndarray, ...]
+    delta_f_kT: float
+    stderr_kT: float
+    delta_f_halves_kT: tuple[float, float]
+    halves_stderr_kT: float
+    profile: FreeEnergyProfile
+    statistical_inefficiency: np.ndarray
+    n_uncorrelated: np.ndarray
+    estimate: UmbrellaEstimate
+    energy_evaluations: int
+    wall_seconds: float
+    window_h5: tuple[Path, ...]
+
+
+def _window_order(centers: np.ndarray, phi0: float) -> list[list[int]]:
+    """Two walks outward from the centre nearest ``phi0``: upward, then downward.
+
+    Each walk starts from the initial configuration and visits neighbours in order, so every
+    window starts close to its centre without crossing the +-pi seam.
+    """
+    start = int(np.argmin(np.abs(_wrap_angle(centers - phi0))))
+    return [list(range(start, len(centers))), list(range(start - 1, -1, -1))]
+
+
+def run_umbrella(
+    system: openmm.System,
+    topology: app.Topology,
+    positions_nm: np.ndarray,
+    *,
+    dihedral_atoms: tuple[int, int, int, int],
+    k_kJ_per_mol_rad2: float,
+    steps_per_window: int,
+    equilibration_steps: int,
+    temperature_K: float,
+    seed: int,
+    out_dir: Path,
+    state_b: Callable[[np.ndarray], np.ndarray],
+    centers_rad: Sequence[float] | None = None,
+    psi_atoms: tuple[int, int, int, int] | None = None,
+    timestep_fs: float = 1.0,
+    friction_per_ps: float = 1.0,
+    report_every: int = 100,
+    platform: str = "Reference",
+    platform_properties: Mapping[str, str] | None = None,
+    bin_width_deg: float = 10.0,
+    subsample: bool = True,
+    resume: bool = True,
+    progress: bool = True,
+) -> UmbrellaResult:
+    """Umbrella sampling along a torsion, one window at a time, unbiased with MBAR.
+
+    Each window adds ``0.5 k d(phi, c)^2`` (minimum-image ``d``) and runs Langevin MD for
+    ``equilibration_steps + steps_per_window`` steps. Windows are run in two walks outward from the
+    centre nearest the start torsion; each window starts from the previous window's final
+    configuration (fresh seeded velocities). Frames of the equilibration are stored in the window
+    files but left out of the analysis. Finished windows and checkpoints in ``out_dir`` are reused
+    when ``resume`` is True, and ``out_dir/umbrella.json`` gets the summary.
+
+    Args:
+        system, topology, positions_nm: as in :func:`run_langevin` ([n_atoms, 3] nm).
+        dihedral_atoms: four atom indices of the biased torsion (phi).
+        k_kJ_per_mol_rad2: spring constant (kJ/mol/rad^2).
+        steps_per_window: production steps per window (multiple of ``report_every``).
+        equilibration_steps: steps per window before production (multiple of ``report_every``).
+        temperature_K: temperature of every window (K); energies are reduced at it.
+        seed: base seed; window ``i`` uses a stream derived from (seed, i).
+        out_dir: folder for the window trajectories, checkpoints and summary.
+        state_b: vectorised predicate on phi (rad) defining state B; A is the complement.
+        centers_rad: window centres (rad); default ``umbrella_windows(k_kJ_per_mol_rad2=k, ...)``.
+        psi_atoms: optional second torsion to record (not biased).
+        timestep_fs, friction_per_ps, report_every, platform, platform_properties: MD settings.
+        bin_width_deg: profile bin width (deg).
+        subsample: subsample by statistical inefficiency before MBAR.
+        resume: reuse finished windows and checkpoints found in ``out_dir``; with a larger
+            ``steps_per_window`` the existing windows are extended (same equilibration_steps and
+            other settings required, else the checkpoints are refused with a ValueError).
+        progress: show a tqdm progress bar over all MD steps.
+
+    Returns:
+        :class:`UmbrellaResult`.
+    """
+    if equilibration_steps < 0 or equilibration_steps % report_every:
+        raise ValueError("equilibration_steps must be a non-negative multiple of report_every")
+    if steps_per_window <= 0 or steps_per_window % report_every:
+        raise ValueError("steps_per_window must be a positive multiple of report_every")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    centers = np.asarray(
+        umbrella_windows(k_kJ_per_mol_rad2=k_kJ_per_mol_rad2, temperature_K=temperature_K)
+        if centers_rad is None
+        else centers_rad,
+        dtype=np.float64,
+    )
+    if centers.ndim != 1 or len(centers) < 2:
+        raise ValueError("need at least two window centres")
+    order = np.argsort(centers)
+    centers = _wrap_angle(centers[order])
+    pos0 = np.asarray(positions_nm, dtype=np.float64)
+    n_eq = equilibration_steps // report_every
+    steps_total = equilibration_steps + steps_per_window
+    torsions: dict[str, Sequence[int]] = {"phi": dihedral_atoms}
+    if psi_atoms is not None:
+        torsions["psi"] = psi_atoms
+
+    results: dict[int, MDResult] = {}
+    with tqdm(
+        total=len(centers) * steps_total, disable=not progress, unit="step", unit_scale=True, desc="umbrella"
+    ) as bar:
+        for walk in _window_order(centers, float(dihedral_rad(pos0, dihedral_atoms))):
+            start = pos0
+            for i in walk:
+                bar.set_postfix(window=i, center_deg=f"{math.degrees(centers[i]):.1f}")
+                ckpt = out_dir / f"window_{i:03d}.ckpt.h5"
+                if resume:
+                    # A window that was started before keeps its own start, so that a longer
+                    # steps_per_window extends it instead of clashing with its checkpoint.
+                    previous_start = checkpoint_start_positions(ckpt)
+                    start = start if previous_start is None else previous_start
+                res = run_langevin(
+                    system,
+                    topology,
+                    start,
+                    temperature_K=temperature_K,
+                    steps=steps_total,
+                    report_every=report_every,
+                    seed=_openmm_seed(seed, 1000 + i),
+                    out_h5=out_dir / f"window_{i:03d}.h5",
+                    timestep_fs=timestep_fs,
+                    friction_per_ps=friction_per_ps,
+                    platform=platform,
+                    platform_properties=platform_properties,
+                    checkpoint=ckpt,
+                    resume=resume,
+                    bias=umbrella_bias_force(dihedral_atoms, float(centers[i]), k_kJ_per_mol_rad2),
+                    record_dihedrals=torsions,
+                    extra_attrs={
+                        "umbrella_center_rad": float(centers[i]),
+                        "umbrella_k_kJ_per_mol_rad2": float(k_kJ_per_mol_rad2),
+                        "umbrella_equilibration_frames": int(n_eq),
+                    },
+                    progress=False,
+                    on_frame=lambda *_: bar.update(report_every),
+                )
+                # Frames loaded from a checkpoint or a finished file never reach on_frame.
+                bar.n = sum(r.steps for r in results.values()) + res.steps
+                bar.refresh()
+                results[i] = res
+                start = res.final_positions_nm
+
+    windows = [results[i] for i in range(len(centers))]
+    phi = tuple(r.dihedrals_rad["phi"][n_eq:] for r in windows)
+    psi = tuple(r.dihedrals_rad["psi"][n_eq:] for r in windows) if psi_atoms is not None else None
+    potential = tuple(r.potential_energy_kJ_mol[n_eq:] for r in windows)
+    t_analysis = time.perf_counter()
+    est = analyze_umbrella(
+        phi, centers, k_kJ_per_mol_rad2, temperature_K, state_b, bin_width_deg=bin_width_deg, subsample=subsample
+    )
+    analysis_seconds = time.perf_counter() - t_analysis
+    md_seconds = float(sum(r.wall_seconds for r in windows))
+    result = UmbrellaResult(
+        centers_rad=centers,
+        k_kJ_per_mol_rad2=float(k_kJ_per_mol_rad2),
+        temperature_K=float(temperature_K),
+        phi_per_window=phi,
+        psi_per_window=psi,
+        potential_per_window=potential,
+        delta_f_kT=est.delta_f_kT,
+        stderr_kT=est.stderr_kT,
+        delta_f_halves_kT=est.delta_f_halves_kT,
+        halves_stderr_kT=est.halves_stderr_kT,
+        profile=est.profile,
+        statistical_inefficiency=est.statistical_inefficiency,
+        n_uncorrelated=est.n_uncorrelated,
+        estimate=est,
+        energy_evaluations=int(sum(r.energy_evaluations for r in windows)),
+        wall_seconds=md_seconds + analysis_seconds,
+        window_h5=tuple(r.h5 for r in windows),
+    )
+    atomic_write_json(
+        out_dir / "umbrella.json",
+        {
+            "centers_rad": centers.tolist(),
+            "k_kJ_per_mol_rad2": float(k_kJ_per_mol_rad2),
+            "temperature_K": float(temperature_K),
+            "steps_per_window": int(steps_per_window),
+            "equilibration_steps": int(equilibration_steps),
+            "delta_f_kT": est.delta_f_kT,
+            "stderr_kT": est.stderr_kT,
+            "delta_f_halves_kT": list(est.delta_f_halves_kT),
+            "halves_stderr_kT": est.halves_stderr_kT,
+            "p_b": est.p_b,
+            "statistical_inefficiency": est.statistical_inefficiency.tolist(),
+            "n_uncorrelated": est.n_uncorrelated.tolist(),
+            "profile": {
+                "bin_centers_rad": est.profile.bin_centers_rad.tolist(),
+                "f_kT": [None if not math.isfinite(v) else v for v in est.profile.f_kT.tolist()],
+                "stderr_kT": [None if not math.isfinite(v) else v for v in est.profile.stderr_kT.tolist()],
+            },
+            "energy_evaluations": result.energy_evaluations,
+            "wall_seconds": result.wall_seconds,
+            "md_wall_seconds": md_seconds,
+        },
+    )
+    return result

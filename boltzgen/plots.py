@@ -1,0 +1,121 @@
+"""Figures written as PNG: training curves, energy histograms, 2-D densities, Ramachandran plots."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from boltzgen.estimators import normalized_weights  # noqa: E402
+from boltzgen.io import atomic_path  # noqa: E402
+
+
+def _save(fig: plt.Figure, path: Path) -> Path:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+    return path
+
+
+def training_curves(metrics_csv: Path, path: Path) -> Path:
+    """Loss terms and ESS against the training step."""
+    with open(metrics_csv, newline="") as f:
+        rows = list(csv.DictReader(f))
+    step = np.array([float(r["step"]) for r in rows])
+    fig, (ax_loss, ax_ess) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for key, label in [("forward_nll", "forward NLL  (= KL(p||q) + H(p))"), ("reverse_kl", "reverse KL  (= KL(q||p) - log Z)")]:
+        values = np.array([float(r[key]) for r in rows])
+        if np.isfinite(values).any():
+            ax_loss.plot(step, values, label=label)
+    ax_loss.set_xlabel("step")
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend(fontsize=8)
+    ax_ess.plot(step, [float(r["ess"]) for r in rows], color="C2")
+    ax_ess.set_ylim(0, 1.02)
+    ax_ess.set_xlabel("step")
+    ax_ess.set_ylabel("ESS / N (Kish)")
+    fig.suptitle("training")
+    return _save(fig, path)
+
+
+def energy_histograms(u_data: np.ndarray | None, u_flow: np.ndarray, log_w: np.ndarray, path: Path,
+                      data_label: str = "MD") -> Path:
+    """Reduced-energy histograms of the data, the raw flow, and the reweighted flow."""
+    finite = np.isfinite(u_flow) & np.isfinite(log_w)
+    reference = u_data if u_data is not None and len(u_data) else u_flow[finite]
+    lo, hi = np.percentile(reference, [0.1, 99.5])
+    span = hi - lo
+    bins = np.linspace(lo - 0.1 * span, hi + 0.3 * span, 80)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    if u_data is not None and len(u_data):
+        ax.hist(u_data, bins=bins, density=True, histtype="step", lw=2, label=data_label)
+    ax.hist(u_flow[finite], bins=bins, density=True, histtype="step", lw=1.5, label="flow")
+    ax.hist(u_flow[finite], bins=bins, weights=normalized_weights(log_w[finite]), density=True, histtype="step",
+            lw=1.5, ls="--", label="flow, reweighted")
+    ax.set_xlabel("reduced energy u [kT]")
+    ax.set_ylabel("density")
+    ax.legend()
+    return _save(fig, path)
+
+
+def density_2d(x_flow: np.ndarray, log_w: np.ndarray, exact_grid: tuple[np.ndarray, np.ndarray, np.ndarray],
+               path: Path) -> Path:
+    """Exact density vs flow samples vs reweighted flow samples for a 2-D system.
+
+    ``exact_grid`` = ``(x0_edges, x1_edges, p)`` with ``p`` the normalized exact probability per bin.
+    """
+    edges0, edges1, p_exact = exact_grid
+    finite = np.isfinite(log_w)
+    weights = normalized_weights(log_w[finite])
+    h_flow, _, _ = np.histogram2d(x_flow[finite, 0], x_flow[finite, 1], bins=[edges0, edges1])
+    h_rew, _, _ = np.histogram2d(x_flow[finite, 0], x_flow[finite, 1], bins=[edges0, edges1], weights=weights)
+    panels = [("exact", p_exact), ("flow", h_flow / max(h_flow.sum(), 1)), ("flow, reweighted", h_rew / max(h_rew.sum(), 1e-300))]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 4), sharey=True)
+    with np.errstate(divide="ignore"):
+        vmax = np.log(p_exact.max())
+        for ax, (title, p) in zip(axes, panels):
+            mesh = ax.pcolormesh(edges0, edges1, np.log(p).T, vmin=vmax - 12, vmax=vmax, cmap="viridis")
+            ax.set_title(title)
+            ax.set_xlabel("x0")
+    axes[0].set_ylabel("x1")
+    fig.colorbar(mesh, ax=axes, label="log p per bin")
+    return _save(fig, path)
+
+
+def ramachandran(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], path: Path) -> Path:
+    """Free energy -log p over (phi, psi) for each ``(title, phi, psi, log_w or None)``, in kT."""
+    edges = np.linspace(-np.pi, np.pi, 61)
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4), sharey=True, squeeze=False)
+    for ax, (title, phi, psi, log_w) in zip(axes[0], panels):
+        weights = None if log_w is None else normalized_weights(log_w)
+        h, _, _ = np.histogram2d(phi, psi, bins=[edges, edges], weights=weights)
+        with np.errstate(divide="ignore"):
+            f = -np.log(h / h.sum())
+        f -= np.min(f[np.isfinite(f)]) if np.isfinite(f).any() else 0.0
+        mesh = ax.pcolormesh(edges, edges, f.T, vmin=0, vmax=12, cmap="viridis_r")
+        ax.set_title(title)
+        ax.set_xlabel("phi [rad]")
+    axes[0][0].set_ylabel("psi [rad]")
+    fig.colorbar(mesh, ax=list(axes[0]), label="F [kT]")
+    return _save(fig, path)
+
+
+def free_energy_profiles(profiles: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], path: Path,
+                         xlabel: str = "phi [rad]") -> Path:
+    """1-D free-energy profiles ``(label, bin_centers, f_kT, stderr_kT or None)`` on shared axes."""
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    for label, centers, f, err in profiles:
+        ok = np.isfinite(f)
+        ax.plot(centers[ok], f[ok], marker=".", label=label)
+        if err is not None:
+            good = ok & np.isfinite(err)
+            ax.fill_between(centers[good], (f - err)[good], (f + err)[good], alpha=0.25)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("F [kT]")
+    ax.legend()
+    return _save(fig, path)
