@@ -607,28 +607,43 @@ def block_average(values: ArrayLike, n_blocks: int = 20) -> Estimate:
     return Estimate(float(np.mean(means)), stderr, n_eff)
 
 
-def delta_f_blocked(in_a: ArrayLike, in_b: ArrayLike, n_blocks: int = 20) -> FreeEnergy:
-    """``ΔF_AB = -ln(P_B / P_A)`` in kT from correlated, unweighted trajectories (MD, MCMC).
+def delta_f_blocked(in_a: ArrayLike, in_b: ArrayLike, n_blocks: int = 20, log_w: ArrayLike | None = None) -> FreeEnergy:
+    """``ΔF_AB = -ln(P_B / P_A)`` in kT from correlated trajectories (MD, MCMC).
 
-    ``in_a``, ``in_b``: bool ``[T]`` or ``[chains, T]``. ``value`` uses all frames. The error is a
-    delete-one-block jackknife of the log-ratio over the ``chains * n_blocks`` blocks (trailing
-    remainder dropped), ``stderr^2 = (n-1)/n sum_j (ΔF_(-j) - mean)^2``; no bias correction is
-    applied. If leaving out one block empties a state (the state was seen in a single block),
-    ``stderr = inf`` and ``n_resamples_invalid`` counts those blocks.
+    ``in_a``, ``in_b``: bool ``[T]`` or ``[chains, T]``. ``log_w`` (same shape, optional): log-weights
+    of the frames, e.g. ``-(u_target - u_md)`` for MD run at another temperature; non-finite ones
+    count as weight 0. ``value`` uses all frames. The error is a delete-one-block jackknife of the
+    log-ratio over the ``chains * n_blocks`` blocks (trailing remainder dropped),
+    ``stderr^2 = (n-1)/n sum_j (ΔF_(-j) - mean)^2``; no bias correction is applied. If leaving out
+    one block empties a state (the state was seen in a single block), ``stderr = inf`` and
+    ``n_resamples_invalid`` counts those blocks.
 
-    ``n_eff``: for the less populated state S, its frame count divided by the statistical
-    inefficiency of its indicator, ``g_S = T_used var_block(P̂_S) / (P_S (1 - P_S))``, clipped at
-    ``g_S >= 1``. Empty states are reported as in :func:`delta_f`.
+    ``n_eff``: unweighted, for the less populated state S, its frame count divided by the
+    statistical inefficiency of its indicator, ``g_S = T_used var_block(P̂_S) / (P_S (1 - P_S))``,
+    clipped at ``g_S >= 1``; weighted, the Kish count of the less populated state. Empty states are
+    reported as in :func:`delta_f`.
     """
     a = _as_bool(in_a, "in_a")
     b = _as_bool(in_b, "in_b")
     if a.shape != b.shape:
         raise ValueError(f"in_a {a.shape} and in_b {b.shape} must have the same shape")
-    xa, xb = _as_chains(a, "in_a"), _as_chains(b, "in_b")
+    n_bad = 0
+    if log_w is None:
+        w = np.ones(a.shape)
+    else:
+        lw, n_bad = _clean_log_w(np.ravel(log_w))
+        if lw.size != a.size:
+            raise ValueError(f"log_w must have the shape of in_a {a.shape}")
+        finite = np.isfinite(lw)
+        w = np.zeros(lw.shape)
+        if finite.any():
+            w[finite] = np.exp(lw[finite] - lw[finite].max())
+        w = w.reshape(a.shape)
+    xa, xb = _as_chains(a * w, "in_a"), _as_chains(b * w, "in_b")
     na, nb = float(xa.sum()), float(xb.sum())
     log_pa = math.log(na) if na > 0 else -math.inf
     log_pb = math.log(nb) if nb > 0 else -math.inf
-    empty = _empty_state_result(log_pa, log_pb, 0)
+    empty = _empty_state_result(log_pa, log_pb, n_bad)
     if empty is not None:
         return empty
     value = log_pa - log_pb
@@ -643,6 +658,9 @@ def delta_f_blocked(in_a: ArrayLike, in_b: ArrayLike, n_blocks: int = 20) -> Fre
     else:
         stderr = float(math.sqrt((n - 1) / n * np.sum((loo - loo.mean()) ** 2)))
 
+    if log_w is not None:
+        n_eff = min(_kish_count(np.log(xa[xa > 0])), _kish_count(np.log(xb[xb > 0])))
+        return FreeEnergy(value, stderr, n_eff, n_bad, n_invalid)
     t_used = xa.shape[0] * n_blocks * (xa.shape[1] // n_blocks)
     n_eff = math.inf
     for count, means in ((na, ma), (nb, mb)):

@@ -1,11 +1,13 @@
-"""The `train` job: energy -> training data -> flow -> training -> sampling -> reweighting -> ΔF.
+"""The jobs behind the CLI: building a run's parts, training, sampling, reweighting, ΔF, MD baselines.
 
-Each phase is a function so that other commands (`sample`, `mcmc`, `compare`) reuse them. Everything
-is written into one run directory (DESIGN.md, "Outputs of a run directory").
+Each phase is a function so that every command (`train`, `md`, `sample`, `mcmc`, `compare`) reuses
+them. Everything a run writes goes into one run directory (DESIGN.md, "Outputs of a run directory"):
+MD baselines under ``<run>/md/`` and ``<run>/umbrella/``, where `train` finds and reuses them.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -16,7 +18,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from boltzgen.config import Config, DoubleWellSystem, MuellerBrownSystem, dump_config
+from boltzgen import plots
+from boltzgen.config import Config, DoubleWellSystem, MuellerBrownSystem, OpenMMSystem, dump_config, load_config
 from boltzgen.energies.analytic import AnalyticEnergy, DoubleWell, MuellerBrown
 from boltzgen.energies.base import Energy
 from boltzgen.estimators import (
@@ -24,16 +27,17 @@ from boltzgen.estimators import (
     count_nonfinite,
     delta_f,
     delta_f_blocked,
+    free_energy_surface,
     kish_ess,
     max_normalized_weight,
     pareto_khat,
+    KHAT_UNRELIABLE,
 )
 from boltzgen.flows import build_flow
 from boltzgen.generator import BoltzmannGenerator
 from boltzgen.io import SampleWriter, atomic_write_json, atomic_write_text
 from boltzgen.mcmc import CartesianMALA, run_chains
-from boltzgen.observables import cartesian_cvs, resolve_states
-from boltzgen import plots
+from boltzgen.observables import cartesian_cvs, dihedral_cvs, resolve_states
 from boltzgen.training import Trainer
 
 
@@ -50,6 +54,8 @@ def select_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+# --- the system ------------------------------------------------------------------------------------
+
 @dataclass
 class System:
     """What a run needs to know about its target: the energy, and how to compute CVs."""
@@ -58,12 +64,14 @@ class System:
     molecule: Any = None  # boltzgen.energies.openmm.MolecularSystem for molecules
 
     def cvs(self, x: np.ndarray) -> dict[str, np.ndarray]:
-        """Collective variables of ``x`` ``[n, dim]``: ``x0, x1, ...``, and ``phi, psi`` for molecules."""
+        """Collective variables of ``x`` ``[n, dim]``: ``x0, x1, ...``, or ``phi, psi`` (rad) for molecules."""
         if self.molecule is None:
             return cartesian_cvs(x)
-        from boltzgen.observables import dihedral_cvs
+        return dihedral_cvs(np.asarray(x).reshape(len(x), -1, 3), self.molecule.mdtraj_topology)
 
-        return dihedral_cvs(x.reshape(x.shape[0], -1, 3), self.molecule.mdtraj_topology)
+    @property
+    def topology(self) -> Any:
+        return None if self.molecule is None else self.molecule.mdtraj_topology
 
 
 def build_system(config: Config) -> System:
@@ -72,24 +80,40 @@ def build_system(config: Config) -> System:
         return System(DoubleWell(spec.a, spec.b, spec.c))
     if isinstance(spec, MuellerBrownSystem):
         return System(MuellerBrown(spec.beta))
-    raise RunError(f"system type {spec.type} is not supported by this command yet")
+    assert isinstance(spec, OpenMMSystem)
+    from boltzgen.energies.openmm import OpenMMEnergy
+    from boltzgen.energies.openmm import build_system as build_molecule
 
+    molecule = build_molecule(spec.pdb, spec.forcefield, spec.temperature_K)
+    if spec.energy_backend == "openmm":
+        return System(OpenMMEnergy(molecule, platform=spec.platform, n_workers=spec.n_workers), molecule)
+    from boltzgen.energies.torchff import TorchForceField
+
+    try:
+        return System(TorchForceField(molecule.system, spec.temperature_K), molecule)
+    except ValueError as exc:
+        raise RunError(f"system.energy_backend: torch: {exc}") from None
+
+
+# --- training data ------------------------------------------------------------------------------
 
 @dataclass
 class TrainingData:
     """Configurations for forward-KL training and their baseline estimates.
 
-    ``x``: ``[n, dim]`` float64; ``chains``: the same frames as ``[chains, T, dim]`` when they come from
-    parallel chains (for block-averaged errors), else ``None``; ``u``: ``[n]`` reduced energies at
-    the target temperature.
+    ``x``: ``[n, dim]`` float64 (flattened nm for molecules); ``chains``: frames as ``[chains, T]``
+    index layout for block-averaged errors; ``u``: ``[n]`` reduced energies at the target
+    temperature; ``log_w``: ``[n]`` log-weights to the target ensemble (``None`` when the data are
+    already from it, e.g. MD at another temperature gets ``-(u_target - u_md)``).
     """
 
     x: np.ndarray
     u: np.ndarray
     source: str
+    n_chains: int
     energy_evaluations: int
     wall_seconds: float
-    chains: np.ndarray | None = None
+    log_w: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -112,29 +136,113 @@ def run_baseline_mala(config: Config, energy: Energy, progress: bool) -> Trainin
     torch.manual_seed(config.seed)
     move = CartesianMALA(energy, step_size=cfg.step_size)
     result = run_chains(move, proposals[idx], n_steps=cfg.steps, n_warmup=cfg.warmup, thin=cfg.thin, progress=progress)
-    chains = result.x.permute(1, 0, 2).cpu().numpy()  # [chains, T, dim]
-    u = result.u.permute(1, 0).cpu().numpy()
+    x = result.x.permute(1, 0, 2).reshape(-1, energy.dim).cpu().numpy()  # chain-major
+    u = result.u.permute(1, 0).reshape(-1).cpu().numpy()
     return TrainingData(
-        x=chains.reshape(-1, energy.dim), u=u.reshape(-1), source="baseline MALA",
+        x=x, u=u, source="baseline MALA", n_chains=cfg.chains,
         energy_evaluations=energy.evaluations - evaluations0, wall_seconds=time.perf_counter() - started,
-        chains=chains, extra={"acceptance_rate": result.acceptance_rate, "step_sizes": result.step_sizes},
+        extra={"acceptance_rate": result.acceptance_rate, "step_sizes": result.step_sizes},
     )
 
+
+def md_dir(out_dir: Path) -> Path:
+    return out_dir / "md"
+
+
+def run_md(config: Config, system: System, out_dir: Path, progress: bool) -> TrainingData:
+    """Langevin MD with OpenMM at ``md.temperature_K`` (default: the target's), or ``md.data`` if given.
+
+    The trajectory is ``<run>/md/md.h5``; an identical finished run is reused, an interrupted one
+    resumes from ``md.ckpt.h5``.
+    """
+    from boltzgen.md import load_md, run_langevin
+
+    spec, md = config.system, config.md
+    assert isinstance(spec, OpenMMSystem)
+    target_T = spec.temperature_K
+    if md.data is not None:
+        try:
+            result = load_md(md.data)
+        except (OSError, ValueError, KeyError) as exc:
+            raise RunError(f"md.data: {md.data}: cannot be read as a boltzgen MD file ({exc})") from None
+    else:
+        folder = md_dir(out_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        molecule = system.molecule
+        result = run_langevin(
+            molecule.system, molecule.topology, molecule.positions_nm,
+            temperature_K=md.temperature_K or target_T, target_temperature_K=target_T, steps=md.steps,
+            report_every=md.report_every, seed=md.seed + config.seed, timestep_fs=md.timestep_fs,
+            friction_per_ps=md.friction_per_ps, platform=md.platform, out_h5=folder / "md.h5",
+            checkpoint=folder / "md.ckpt.h5", checkpoint_every=max(1, md.steps // md.report_every // 20),
+            resume=True, progress=progress,
+        )
+    x = result.positions_nm.reshape(result.n_frames, -1).astype(np.float64)
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        raise RunError(f"{result.h5}: {int(bad.sum())} MD frame(s) have NaN coordinates (first: frame "
+                       f"{int(np.flatnonzero(bad)[0])}); rerun the MD with a smaller md.timestep_fs")
+    u_target = np.asarray(result.potential_energy_kJ_mol) / system.molecule.kT_kJ_per_mol
+    log_w = None
+    if abs(result.temperature_K - target_T) > 1e-9:
+        u_md = u_target * target_T / result.temperature_K
+        log_w = -(u_target - u_md)
+    return TrainingData(
+        x=x, u=u_target, source=f"MD {result.temperature_K:g} K", n_chains=1,
+        energy_evaluations=result.energy_evaluations, wall_seconds=result.wall_seconds, log_w=log_w,
+        extra={"h5": str(result.h5), "temperature_K": result.temperature_K, "steps": result.steps},
+    )
+
+
+def training_data(config: Config, system: System, out_dir: Path, progress: bool) -> TrainingData:
+    if system.molecule is None:
+        return run_baseline_mala(config, system.energy, progress)
+    return run_md(config, system, out_dir, progress)
+
+
+# --- the generator --------------------------------------------------------------------------------
+
+def build_generator(config: Config, system: System, x_data: torch.Tensor | None) -> BoltzmannGenerator:
+    """Prior + flow (+ coordinate transform for molecules) + energy.
+
+    ``x_data`` fits the internal-coordinate standardization; ``None`` builds placeholders of the
+    right shapes, to be filled by a checkpoint.
+    """
+    energy = system.energy
+    coordinates = None
+    dim, circular = energy.dim, None
+    if system.molecule is not None and config.coordinates.type != "identity":
+        coordinates = build_coordinates(config, system, x_data)
+        dim, circular = coordinates.dim_internal, coordinates.circular_mask
+    prior, flow = build_flow(config.flow, dim, circular=circular, coordinates=coordinates, seed=config.seed)
+    return BoltzmannGenerator(prior, flow, energy)
+
+
+def build_coordinates(config: Config, system: System, x_data: torch.Tensor | None):
+    from boltzgen.coordinates import InternalCoordinates, MixedCoordinates, build_mixed_zmatrix, zmatrix_from_topology
+
+    topology = system.molecule.mdtraj_topology
+    n_atoms = topology.n_atoms
+    if config.coordinates.type == "internal":
+        zmatrix = zmatrix_from_topology(topology)
+        if x_data is not None:
+            return InternalCoordinates.fit(zmatrix, x_data.to(torch.float64))
+        d = 3 * n_atoms - 6
+        return InternalCoordinates(zmatrix, mean=torch.zeros(d), std=torch.ones(d))
+    cartesian = config.coordinates.cartesian_atoms or [a.index for a in topology.atoms if a.element.symbol != "H"]
+    bonds = [(a.index, b.index) for a, b in topology.bonds]
+    zmatrix = build_mixed_zmatrix(bonds, n_atoms, cartesian)
+    if x_data is not None:
+        return MixedCoordinates.fit(cartesian, zmatrix, n_atoms, x_data.to(torch.float64))
+    d = 3 * n_atoms
+    return MixedCoordinates(cartesian, zmatrix, n_atoms, mean=torch.zeros(d), std=torch.ones(d))
+
+
+# --- states and free energies -----------------------------------------------------------------
 
 def state_masks(config: Config, cvs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     """Membership ``[n]`` bool of every configured state, in config order."""
     return {name: state.evaluate(cvs) for name, state in resolve_states(config.states).items()}
-
-
-def free_energy_rows(config: Config, estimates: dict[tuple[str, str], FreeEnergy],
-                     exact: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
-    rows = []
-    for (a, b), fe in estimates.items():
-        row = {"from": a, "to": b, "delta_f_kT": fe.value, "stderr_kT": fe.stderr, "n_eff": fe.n_eff}
-        if exact is not None and (a, b) in exact:
-            row["exact_kT"] = exact[(a, b)]
-        rows.append(row)
-    return rows
 
 
 def state_pairs(config: Config) -> list[tuple[str, str]]:
@@ -143,14 +251,40 @@ def state_pairs(config: Config) -> list[tuple[str, str]]:
     return [(names[0], other) for other in names[1:]]
 
 
+def free_energy_rows(estimates: dict[tuple[str, str], FreeEnergy],
+                     exact: dict[tuple[str, str], float] | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for (a, b), fe in estimates.items():
+        row: dict[str, Any] = {"from": a, "to": b, "delta_f_kT": fe.value, "stderr_kT": fe.stderr, "n_eff": fe.n_eff}
+        if fe.empty_state:
+            row["empty_state"] = fe.empty_state
+        if exact is not None and (a, b) in exact:
+            row["exact_kT"] = exact[(a, b)]
+        rows.append(row)
+    return rows
+
+
 def exact_free_energies(config: Config, energy: AnalyticEnergy) -> dict[tuple[str, str], float]:
     """ΔF by quadrature, for states defined exactly as in the config."""
-    predicates = {}
-    for name in config.states:
-        predicates[name] = (lambda cvs, name=name: state_masks(config, cvs)[name])
-    probabilities = energy.quadrature_probabilities(predicates)
+    states = resolve_states(config.states)
+    probabilities = energy.quadrature_probabilities({name: state.evaluate for name, state in states.items()})
     return {(a, b): -math.log(probabilities[b] / probabilities[a]) for a, b in state_pairs(config)}
 
+
+def data_free_energies(config: Config, system: System, data: TrainingData) -> list[dict[str, Any]]:
+    """ΔF from baseline data, with jackknife errors over blocks (MD) or whole chains (MALA)."""
+    masks = state_masks(config, system.cvs(data.x))
+    shape = (data.n_chains, -1)
+    # Independent chains are the blocks: a chain rarely crosses a barrier, so its frames are not.
+    n_blocks = 1 if data.n_chains > 1 else 20
+    log_w = None if data.log_w is None else data.log_w.reshape(shape)
+    estimates = {(a, b): delta_f_blocked(masks[a].reshape(shape), masks[b].reshape(shape), n_blocks, log_w)
+                 for a, b in state_pairs(config)}
+    exact = exact_free_energies(config, system.energy) if isinstance(system.energy, AnalyticEnergy) else None
+    return free_energy_rows(estimates, exact)
+
+
+# --- sampling and reweighting ---------------------------------------------------------------------
 
 @dataclass
 class SampleSet:
@@ -160,26 +294,40 @@ class SampleSet:
     u: np.ndarray
     log_w: np.ndarray
     cvs: dict[str, np.ndarray]
-    x_head: np.ndarray  # the first few hundred thousand states, for plots
+    x_head: np.ndarray  # the first states (at most keep_states), for plots
+    n_wrong_chirality: int
     wall_seconds: float
 
 
-def draw_samples(generator: BoltzmannGenerator, system: System, n: int, batch: int, path: Path,
-                 progress: bool, topology: Any = None, keep_states: int = 200_000) -> SampleSet:
-    """Stream ``n`` flow samples into ``path`` (HDF5) with log q, u and log w; memory is bounded by
-    ``batch`` plus a few float64 numbers per sample."""
+def draw_samples(generator: BoltzmannGenerator, system: System, n: int, batch: int, path: Path, progress: bool,
+                 reject_wrong_chirality: bool = False, keep_states: int = 200_000) -> SampleSet:
+    """Stream ``n`` flow samples into ``path`` (HDF5) with log q, u and log w.
+
+    Memory is bounded by ``batch`` plus a few float64 numbers per sample. For molecules, samples
+    whose alpha carbons are not all L are counted; with ``reject_wrong_chirality`` their log w is
+    set to -inf (weight 0): the target is the L molecule, and its mirror image has the same energy.
+    """
+    from boltzgen.coordinates import find_alpha_carbon_chirality, is_l_chirality
+
     started = time.perf_counter()
     generator.eval()
+    quads = None if system.molecule is None else find_alpha_carbon_chirality(system.topology)
     parts: dict[str, list[np.ndarray]] = {"log_q": [], "u": [], "log_w": []}
     cv_parts: list[dict[str, np.ndarray]] = []
     head: list[np.ndarray] = []
-    kept = 0
+    kept = n_wrong = 0
     bar = tqdm(total=n, disable=not progress, desc="sample", unit="sample", unit_scale=True)
-    with SampleWriter(path, generator.energy.dim, extras=("log_q", "u", "log_w"), topology=topology) as writer:
+    with SampleWriter(path, generator.energy.dim, extras=("log_q", "u", "log_w"), topology=system.topology) as writer:
         for start in range(0, n, batch):
             s = generator.sample(min(batch, n - start), batch_size=batch)
+            log_w = s.log_w
+            if quads is not None:
+                wrong = ~is_l_chirality(s.x.detach(), quads)
+                n_wrong += int(wrong.sum())
+                if reject_wrong_chirality:
+                    log_w = torch.where(wrong, torch.full_like(log_w, -math.inf), log_w)
             x = s.x.detach().to(torch.float64).cpu().numpy()
-            arrays = {"log_q": s.log_q.cpu().numpy(), "u": s.u.cpu().numpy(), "log_w": s.log_w.cpu().numpy()}
+            arrays = {"log_q": s.log_q.cpu().numpy(), "u": s.u.cpu().numpy(), "log_w": log_w.cpu().numpy()}
             writer.append(x, **arrays)
             for key, value in arrays.items():
                 parts[key].append(value)
@@ -191,26 +339,70 @@ def draw_samples(generator: BoltzmannGenerator, system: System, n: int, batch: i
     bar.close()
     cvs = {key: np.concatenate([c[key] for c in cv_parts]) for key in cv_parts[0]}
     return SampleSet(**{k: np.concatenate(v) for k, v in parts.items()}, cvs=cvs, x_head=np.concatenate(head),
-                     wall_seconds=time.perf_counter() - started)
+                     n_wrong_chirality=n_wrong, wall_seconds=time.perf_counter() - started)
 
 
 def reweighting_summary(samples: SampleSet) -> dict[str, Any]:
     khat = pareto_khat(samples.log_w)
-    return {
+    summary = {
         "ess": kish_ess(samples.log_w),
         "n_samples": int(samples.log_w.size),
         "n_nonfinite": count_nonfinite(samples.log_w),
         "max_normalized_weight": max_normalized_weight(samples.log_w),
         "pareto_khat": khat,
+        "weights_reliable": bool(khat <= KHAT_UNRELIABLE),
     }
+    return summary
 
+
+def sample_free_energies(config: Config, system: System, samples: SampleSet) -> list[dict[str, Any]]:
+    masks = state_masks(config, samples.cvs)
+    estimates = {(a, b): delta_f(masks[a], masks[b], samples.log_w, config.sampling.n_bootstrap, config.seed)
+                 for a, b in state_pairs(config)}
+    exact = exact_free_energies(config, system.energy) if isinstance(system.energy, AnalyticEnergy) else None
+    return free_energy_rows(estimates, exact)
+
+
+# --- run directories -------------------------------------------------------------------------------
 
 def prepare_run_dir(out_dir: Path, resume: bool, force: bool) -> None:
-    if out_dir.exists() and any(out_dir.iterdir()) and not (resume or force):
-        raise RunError(f"{out_dir} already holds a run; pass --resume to continue it, --force to overwrite it, "
-                       "or --out DIR to write elsewhere")
+    finished = [name for name in ("checkpoint.pt", "summary.json") if (out_dir / name).exists()]
+    if finished and not (resume or force):
+        raise RunError(f"{out_dir} already holds a trained run; pass --resume to continue it, --force to "
+                       "overwrite it, or --out DIR to write elsewhere")
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
 
+
+def umbrella_reference(out_dir: Path) -> dict[str, Any] | None:
+    """The umbrella-sampling summary from ``boltzgen md --umbrella``, if that was run for this run dir."""
+    path = out_dir / "umbrella" / "summary.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def load_run(run_dir: Path) -> tuple[Config, dict[str, Any], System, BoltzmannGenerator]:
+    """Rebuild a trained run's config, system and generator from ``config.yaml`` and ``checkpoint.pt``."""
+    run_dir = Path(run_dir)
+    for name in ("config.yaml", "checkpoint.pt"):
+        if not (run_dir / name).exists():
+            raise RunError(f"{run_dir}: no {name}; is this a run directory written by `boltzgen train`?")
+    config, resolved = load_config(run_dir / "config.yaml")
+    torch.set_num_threads(config.cpu_threads)
+    system = build_system(config)
+    device = select_device(config.device)
+    generator = build_generator(config, system, None)
+    try:
+        state = torch.load(run_dir / "checkpoint.pt", map_location="cpu", weights_only=False)
+        generator.load_state_dict(state["model"])
+    except Exception as exc:  # a truncated or foreign file: say which, not a traceback
+        raise RunError(f"{run_dir / 'checkpoint.pt'}: cannot be loaded ({type(exc).__name__}); retrain or "
+                       "--resume the run") from None
+    generator = generator.to(device=device, dtype=getattr(torch, config.dtype))
+    generator.energy.to(device=device, dtype=torch.float64)
+    generator.eval()
+    return config, resolved, system, generator
+
+
+# --- the jobs --------------------------------------------------------------------------------------
 
 def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool = False, force: bool = False,
           progress: bool = True) -> dict[str, Any]:
@@ -226,61 +418,118 @@ def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool 
     system = build_system(config)
     energy = system.energy.to(device)
 
-    data = run_baseline_mala(config, energy, progress)
-    baseline_evaluations = energy.evaluations
+    data = training_data(config, system, out_dir, progress)
     energy.evaluations = 0
 
-    prior, flow = build_flow(config.flow, energy.dim, seed=config.seed)
-    generator = BoltzmannGenerator(prior, flow, energy).to(device=device, dtype=dtype)
-    x_train = torch.as_tensor(data.x, dtype=dtype, device=device)
-    trainer = Trainer(generator, config.training, out_dir, data=x_train, checkpoint_every=config.checkpoint_every,
-                      log_every=config.log_every, progress=progress)
+    x_train = torch.as_tensor(data.x, dtype=torch.float64)
+    generator = build_generator(config, system, x_train).to(device=device, dtype=dtype)
+    energy.to(dtype=torch.float64)
+    trainer = Trainer(generator, config.training, out_dir, data=x_train.to(device=device, dtype=dtype),
+                      checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=progress)
     trainer.run(resume=resume)
     training_evaluations = energy.evaluations
 
-    samples = draw_samples(generator, system, config.sampling.n, config.sampling.batch, out_dir / "samples.h5", progress)
+    samples = draw_samples(generator, system, config.sampling.n, config.sampling.batch, out_dir / "samples.h5",
+                           progress, config.coordinates.reject_wrong_chirality)
     sampling_evaluations = energy.evaluations - training_evaluations
 
     summary: dict[str, Any] = {"name": config.name, "device": str(device), **reweighting_summary(samples)}
-    flow_masks = state_masks(config, samples.cvs)
-    pairs = state_pairs(config)
-    flow_fe = {(a, b): delta_f(flow_masks[a], flow_masks[b], samples.log_w, config.sampling.n_bootstrap, config.seed)
-               for a, b in pairs}
-    exact = exact_free_energies(config, system.energy) if isinstance(system.energy, AnalyticEnergy) and pairs else None
-    summary["free_energies"] = free_energy_rows(config, flow_fe, exact)
-
-    data_cvs = system.cvs(data.x)
-    data_masks = {k: v.reshape(data.chains.shape[:2]) for k, v in state_masks(config, data_cvs).items()}
-    # One block per chain: chains rarely cross barriers, so only whole chains are independent.
-    baseline_fe = {(a, b): delta_f_blocked(data_masks[a], data_masks[b], n_blocks=1) for a, b in pairs}
+    summary["free_energies"] = sample_free_energies(config, system, samples)
+    if system.molecule is not None:
+        summary["n_wrong_chirality"] = samples.n_wrong_chirality
+        summary["chirality_rejected"] = config.coordinates.reject_wrong_chirality
     summary["baseline"] = {
-        "source": data.source, "n_samples": int(data.x.shape[0]), "energy_evaluations": baseline_evaluations,
-        "wall_seconds": data.wall_seconds, "free_energies": free_energy_rows(config, baseline_fe, exact), **data.extra,
+        "source": data.source, "n_samples": int(data.x.shape[0]), "energy_evaluations": data.energy_evaluations,
+        "wall_seconds": data.wall_seconds, "free_energies": data_free_energies(config, system, data), **data.extra,
     }
+    reference = umbrella_reference(out_dir)
+    if reference is not None:
+        summary["umbrella"] = reference
     summary["energy_evaluations"] = {"training": training_evaluations, "sampling": sampling_evaluations,
                                      "total": training_evaluations + sampling_evaluations}
     summary["training_wall_seconds"] = trainer.wall_seconds
     summary["sampling_wall_seconds"] = samples.wall_seconds
     summary["n_nonfinite_training"] = trainer.n_nonfinite
 
-    make_plots(out_dir, system, data, samples)
+    make_plots(out_dir, system, data, samples, reference)
     summary["wall_seconds"] = time.perf_counter() - started
     atomic_write_json(out_dir / "summary.json", summary)
     return summary
 
 
-def make_plots(out_dir: Path, system: System, data: TrainingData, samples: SampleSet) -> None:
+def make_plots(out_dir: Path, system: System, data: TrainingData, samples: SampleSet,
+               umbrella: dict[str, Any] | None = None) -> None:
     plots_dir = out_dir / "plots"
-    plots.training_curves(out_dir / "metrics.csv", plots_dir / "training.png")
+    plots_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / "metrics.csv").exists():
+        plots.training_curves(out_dir / "metrics.csv", plots_dir / "training.png")
     plots.energy_histograms(data.u, samples.u, samples.log_w, plots_dir / "energy_histogram.png", data_label=data.source)
     energy = system.energy
     if isinstance(energy, AnalyticEnergy):
-        n_head = len(samples.x_head)
         edges = [np.linspace(lo, hi, 121) for lo, hi in zip(energy.box.lower, energy.box.upper)]
         centers = [0.5 * (e[1:] + e[:-1]) for e in edges]
         g0, g1 = np.meshgrid(*centers, indexing="ij")
         with torch.no_grad():
             u = energy.reduced_energy(torch.from_numpy(np.stack([g0.ravel(), g1.ravel()], 1))).numpy().reshape(g0.shape)
         p = np.exp(-(u - u.min()))
-        plots.density_2d(samples.x_head, samples.log_w[:n_head], (edges[0], edges[1], p / p.sum()),
+        plots.density_2d(samples.x_head, samples.log_w[: len(samples.x_head)], (edges[0], edges[1], p / p.sum()),
                          plots_dir / "density.png")
+        return
+    data_cvs = system.cvs(data.x)
+    plots.ramachandran(
+        [(data.source, data_cvs["phi"], data_cvs["psi"], None),
+         ("flow", samples.cvs["phi"], samples.cvs["psi"], None),
+         ("flow, reweighted", samples.cvs["phi"], samples.cvs["psi"], samples.log_w)],
+        plots_dir / "ramachandran.png",
+    )
+    edges = np.linspace(-np.pi, np.pi, 37)
+    profiles = []
+    label = data.source + (" reweighted to target" if data.log_w is not None else "")
+    for name, phi, log_w in ((label, data_cvs["phi"], data.log_w), ("flow, reweighted", samples.cvs["phi"], samples.log_w)):
+        fes = free_energy_surface(phi, log_w=log_w, bins=edges, n_bootstrap=50)
+        f = np.asarray(fes.f_kT)
+        profiles.append((name, 0.5 * (edges[1:] + edges[:-1]), f, np.asarray(fes.stderr_kT)))
+    if umbrella is not None and "profile" in umbrella:
+        prof = umbrella["profile"]
+        profiles.append(("umbrella sampling + MBAR", np.asarray(prof["centers_rad"]), np.asarray(prof["f_kT"], dtype=float),
+                         np.asarray(prof["stderr_kT"], dtype=float)))
+    plots.free_energy_profiles(profiles, plots_dir / "phi_profile.png")
+
+
+def md_job(config: Config, resolved: dict[str, Any], out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """`boltzgen md`: the MD baseline into ``<run>/md/``, with ΔF and observables like `train`'s.
+
+    ``ess`` is the Kish ESS of the reweighting to the target temperature (1.0 when the MD runs at
+    the target); frames are correlated, which the block-jackknife errors account for.
+    """
+    from boltzgen.estimators import integrated_autocorrelation_time
+
+    started = time.perf_counter()
+    if not isinstance(config.system, OpenMMSystem):
+        raise RunError(f"`boltzgen md` needs an OpenMM system; {config.system.type} uses the MALA baseline in `train`")
+    torch.set_num_threads(config.cpu_threads)
+    system = build_system(config)
+    folder = md_dir(out_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "plots").mkdir(exist_ok=True)
+    atomic_write_text(folder / "config.yaml", dump_config(resolved))
+    data = run_md(config, system, out_dir, progress)
+    log_w = np.zeros(len(data.u)) if data.log_w is None else data.log_w
+    cvs = system.cvs(data.x)
+    summary: dict[str, Any] = {
+        "name": config.name, "method": "md", "source": data.source, "ess": kish_ess(log_w),
+        "n_samples": int(len(data.u)), "n_nonfinite": int(count_nonfinite(log_w)),
+        "free_energies": data_free_energies(config, system, data),
+        "tau_int_frames": {name: integrated_autocorrelation_time(np.cos(values)) for name, values in cvs.items()
+                           if name in ("phi", "psi")},
+        "energy_evaluations": {"md": data.energy_evaluations, "total": data.energy_evaluations},
+        "md_wall_seconds": data.wall_seconds,
+    }
+    plots.ramachandran([(data.source, cvs["phi"], cvs["psi"], None)], folder / "plots" / "ramachandran.png")
+    edges = np.linspace(-np.pi, np.pi, 37)
+    fes = free_energy_surface(cvs["phi"], log_w=data.log_w, bins=edges, n_bootstrap=50)
+    plots.free_energy_profiles([(data.source, 0.5 * (edges[1:] + edges[:-1]), np.asarray(fes.f_kT),
+                                 np.asarray(fes.stderr_kT))], folder / "plots" / "phi_profile.png")
+    summary["wall_seconds"] = time.perf_counter() - started
+    atomic_write_json(folder / "summary.json", summary)
+    return summary
