@@ -51,7 +51,59 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--n", type=int, default=16, help="number of perturbed configurations (default 16)")
     check.add_argument("--noise-nm", type=float, default=0.01, help="Gaussian perturbation per coordinate, nm")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    _add_job_commands(sub)
     return parser
+
+
+def _add_job_commands(sub: Any) -> None:
+    """`sample`, `mcmc` and `compare`: jobs on a trained run directory."""
+    from boltzgen.jobs import MOVES, WEIGHTS, WEIGHTS_HELP
+
+    sample = sub.add_parser("sample", help="draw N flow samples with importance weights, ESS, k̂, ΔF and FES",
+                            description="Streams N flow samples in batches (bounded memory) into RUN_DIR/samples.h5 "
+                                        "with log q, u and log w; writes RUN_DIR/sample_summary.json (Kish ESS, ESS "
+                                        "per observable, largest normalized weight, Pareto k̂, ΔF with bootstrap "
+                                        "errors, FES along each CV) and plots/sample_fes*.png. Prints a WARNING "
+                                        "when k̂ > 0.7 (the weighted estimates are then unreliable).")
+    sample.add_argument("run_dir", type=Path, help="a run directory written by `boltzgen train`")
+    sample.add_argument("--n", type=int, required=True, help="number of samples, e.g. 10000000")
+    sample.add_argument("--batch", type=int, help="samples per batch (default: sampling.batch of the run's config)")
+    sample.add_argument("--out", type=Path, help="samples file (default RUN_DIR/samples.h5, which is replaced)")
+    sample.add_argument("--weights", choices=WEIGHTS, default="raw", help=WEIGHTS_HELP)
+    sample.add_argument("--seed", type=int, help="random seed (default: the run's seed)")
+    sample.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    mcmc = sub.add_parser("mcmc", help="flow-preconditioned MCMC: independence MH, latent HMC/MALA, IMH + local MALA",
+                          description="Runs many chains in parallel, started from flow samples. imh: independence "
+                                      "Metropolis with the flow as proposal; latent_hmc / latent_mala: HMC / MALA on the "
+                                      "latent pull-back of the target (NeuTra); imh+mala: a cycle of IMH and a local "
+                                      "Cartesian MALA step. Warm-up adapts step sizes only; they are frozen afterwards. "
+                                      "Writes chains.h5 (chain-major: frame c*T+t is kept state t of chain c; datasets "
+                                      "u, chain, step; mdtraj-readable for molecules) and summary.json with acceptance "
+                                      "rates, autocorrelation times and ΔF with block errors into RUN_DIR/mcmc/.")
+    mcmc.add_argument("run_dir", type=Path, help="a run directory written by `boltzgen train`")
+    mcmc.add_argument("--chains", type=int, default=256, help="number of parallel chains (default 256)")
+    mcmc.add_argument("--steps", type=int, default=1000, help="production steps per chain (default 1000)")
+    mcmc.add_argument("--warmup", type=int, default=200, help="warm-up steps per chain, step sizes adapt here (default 200)")
+    mcmc.add_argument("--thin", type=int, default=1, help="keep every THIN-th production state (default 1)")
+    mcmc.add_argument("--moves", choices=MOVES, default="imh", help="the Markov move (default imh)")
+    mcmc.add_argument("--step-size", type=float, help="initial latent step size of latent_hmc/latent_mala (default 0.1)")
+    mcmc.add_argument("--local-step", type=float,
+                      help="initial step size of the local MALA move of imh+mala, in units of x: nm for molecules "
+                           "(default 0.002 nm), 0.1 for analytic systems")
+    mcmc.add_argument("--leapfrog", type=int, default=10, help="leapfrog steps per latent HMC step (default 10)")
+    mcmc.add_argument("--seed", type=int, help="random seed (default: the run's seed)")
+    mcmc.add_argument("--out", type=Path, help="output directory (default RUN_DIR/mcmc)")
+    mcmc.add_argument("--no-progress", action="store_true", help="hide progress bars")
+
+    compare = sub.add_parser("compare", help="compare importance sampling, MCMC, MD/baseline and umbrella sampling",
+                             description="Puts side by side every method available for the run: ΔF ± error, ESS, "
+                                         "energy evaluations, wall time, the cost extrapolated to a ΔF error of "
+                                         "0.1 kT, FES RMSE and Jensen-Shannon divergence against the reference (exact "
+                                         "quadrature for analytic systems, MD for molecules). Writes RUN_DIR/report.md, "
+                                         "RUN_DIR/compare.json and plots/compare_*.png.")
+    compare.add_argument("run_dir", type=Path, help="a run directory written by `boltzgen train`")
+    compare.add_argument("--md", type=Path, help="MD directory with summary.json and md.h5 (default RUN_DIR/md)")
 
 
 def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
@@ -122,7 +174,64 @@ def _cmd_check_energy(args: argparse.Namespace) -> int:
     return 0 if report.passed else 1
 
 
-COMMANDS = {"train": _cmd_train, "md": _cmd_md, "check-energy": _cmd_check_energy}
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from boltzgen.estimators import KHAT_UNRELIABLE
+    from boltzgen.jobs import sample_job
+
+    summary = sample_job(args.run_dir, args.n, batch=args.batch, out=args.out, weights=args.weights, seed=args.seed,
+                         progress=not args.no_progress)
+    khat = summary.get("pareto_khat")
+    lines = [f"samples file      {summary['samples_file']}  ({summary['n_samples']:,} samples, batch {summary['batch']:,})",
+             f"largest weight    {summary['max_normalized_weight']:.3e} (normalized)",
+             f"Pareto k̂          {khat:.3f}" if khat is not None else "Pareto k̂          undefined",
+             f"weights           {summary['weights']}"]
+    ess_obs = ", ".join(f"{key} {value:.3f}" if value is not None else f"{key} inf"
+                        for key, value in summary["ess_per_observable"].items())
+    lines.append(f"ESS/N per obs.    {ess_obs}")
+    print("\n".join(lines))
+    _print_summary(summary, args.run_dir)
+    if khat is None or khat > KHAT_UNRELIABLE:
+        print(f"WARNING: Pareto k̂ = {khat if khat is None else round(khat, 3)} > {KHAT_UNRELIABLE}: the importance "
+              "weights have a heavy tail and the weighted estimates are unreliable; train longer or use MCMC "
+              "(`boltzgen mcmc`)", file=sys.stderr)
+    return 0
+
+
+def _cmd_mcmc(args: argparse.Namespace) -> int:
+    from boltzgen.jobs import mcmc_job
+
+    summary = mcmc_job(args.run_dir, chains=args.chains, steps=args.steps, warmup=args.warmup, thin=args.thin,
+                       moves=args.moves, out_dir=args.out, step_size=args.step_size, local_step=args.local_step,
+                       n_leapfrog=args.leapfrog, seed=args.seed, progress=not args.no_progress)
+    acceptance = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in summary["acceptance_rate"].items())
+    steps = ", ".join(f"{k} {v:.4g}" for k, v in summary["step_sizes"].items())
+    taus = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} inf" for k, v in summary["tau_int"].items())
+    print(f"chains file       {summary['chains_file']}  ({summary['n_chains']} chains x "
+          f"{summary['n_samples'] // summary['n_chains']} frames, chain-major)")
+    print(f"acceptance        {acceptance}")
+    if steps:
+        print(f"step sizes        {steps} (frozen after warm-up)")
+    print(f"tau_int [frames]  {taus}")
+    if summary["tau_unreliable"]:
+        print(f"                  (chains shorter than 50 tau for: {', '.join(summary['tau_unreliable'])})")
+    ess = summary.get("ess_samples")
+    print(f"ESS (from tau)    {ess:,.0f} of {summary['n_samples']:,} samples (n / max tau_int)" if ess is not None
+          else "ESS (from tau)    undefined")
+    _print_summary({**summary, "ess": None}, Path(summary["chains_file"]).parent)
+    return 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from boltzgen.report import compare_job
+
+    result = compare_job(args.run_dir, md_dir=args.md)
+    print(result["table_markdown"])
+    print(f"\nwritten: {result['report']}, {result['json']}")
+    return 0
+
+
+COMMANDS = {"train": _cmd_train, "md": _cmd_md, "check-energy": _cmd_check_energy, "sample": _cmd_sample,
+            "mcmc": _cmd_mcmc, "compare": _cmd_compare}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -114,7 +114,15 @@ class TrainingData:
     energy_evaluations: int
     wall_seconds: float
     log_w: np.ndarray | None = None
+    n_plain: int | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+
+    def plain(self) -> "TrainingData":
+        """The frames of the plain (unseeded) baseline run, which alone give unbiased estimates."""
+        n = len(self.x) if self.n_plain is None else self.n_plain
+        log_w = None if self.log_w is None else self.log_w[:n]
+        return TrainingData(self.x[:n], self.u[:n], self.source, self.n_chains, self.energy_evaluations,
+                            self.wall_seconds, log_w, n, self.extra)
 
 
 def run_baseline_mala(config: Config, energy: Energy, progress: bool) -> TrainingData:
@@ -153,45 +161,80 @@ def run_md(config: Config, system: System, out_dir: Path, progress: bool) -> Tra
     """Langevin MD with OpenMM at ``md.temperature_K`` (default: the target's), or ``md.data`` if given.
 
     The trajectory is ``<run>/md/md.h5``; an identical finished run is reused, an interrupted one
-    resumes from ``md.ckpt.h5``.
+    resumes from ``md.ckpt.h5``. With ``md.seed_states``, MD seeded in each state the plain run
+    missed is appended (see :class:`boltzgen.config.MDConfig`); ``n_plain`` counts the plain frames.
     """
-    from boltzgen.md import load_md, run_langevin
+    from boltzgen.md import load_md
 
     spec, md = config.system, config.md
     assert isinstance(spec, OpenMMSystem)
-    target_T = spec.temperature_K
+    folder = md_dir(out_dir)
     if md.data is not None:
         try:
-            result = load_md(md.data)
+            results = [load_md(md.data)]
         except (OSError, ValueError, KeyError) as exc:
             raise RunError(f"md.data: {md.data}: cannot be read as a boltzgen MD file ({exc})") from None
     else:
-        folder = md_dir(out_dir)
         folder.mkdir(parents=True, exist_ok=True)
-        molecule = system.molecule
-        result = run_langevin(
-            molecule.system, molecule.topology, molecule.positions_nm,
-            temperature_K=md.temperature_K or target_T, target_temperature_K=target_T, steps=md.steps,
-            report_every=md.report_every, seed=md.seed + config.seed, timestep_fs=md.timestep_fs,
-            friction_per_ps=md.friction_per_ps, platform=md.platform, out_h5=folder / "md.h5",
-            checkpoint=folder / "md.ckpt.h5", checkpoint_every=max(1, md.steps // md.report_every // 20),
-            resume=True, progress=progress,
-        )
-    x = result.positions_nm.reshape(result.n_frames, -1).astype(np.float64)
+        results = [_langevin(config, system, system.molecule.positions_nm, md.temperature_K or spec.temperature_K,
+                             md.steps, folder / "md.h5", progress)]
+        if md.seed_states:
+            results += _seeded_state_runs(config, system, results[0], folder, progress)
+    frames = [r.positions_nm.reshape(r.n_frames, -1).astype(np.float64) for r in results]
+    x = np.concatenate(frames)
     bad = ~np.isfinite(x).all(axis=1)
     if bad.any():
-        raise RunError(f"{result.h5}: {int(bad.sum())} MD frame(s) have NaN coordinates (first: frame "
+        raise RunError(f"{results[0].h5}: {int(bad.sum())} MD frame(s) have NaN coordinates (first: frame "
                        f"{int(np.flatnonzero(bad)[0])}); rerun the MD with a smaller md.timestep_fs")
-    u_target = np.asarray(result.potential_energy_kJ_mol) / system.molecule.kT_kJ_per_mol
-    log_w = None
-    if abs(result.temperature_K - target_T) > 1e-9:
-        u_md = u_target * target_T / result.temperature_K
-        log_w = -(u_target - u_md)
+    target_T = spec.temperature_K
+    u_target = np.concatenate([r.potential_energy_kJ_mol for r in results]) / system.molecule.kT_kJ_per_mol
+    md_T = results[0].temperature_K
+    log_w = None if abs(md_T - target_T) < 1e-9 else -(u_target - u_target * target_T / md_T)
     return TrainingData(
-        x=x, u=u_target, source=f"MD {result.temperature_K:g} K", n_chains=1,
-        energy_evaluations=result.energy_evaluations, wall_seconds=result.wall_seconds, log_w=log_w,
-        extra={"h5": str(result.h5), "temperature_K": result.temperature_K, "steps": result.steps},
+        x=x, u=u_target, source=f"MD {md_T:g} K", n_chains=1, n_plain=len(frames[0]),
+        energy_evaluations=sum(r.energy_evaluations for r in results),
+        wall_seconds=sum(r.wall_seconds for r in results), log_w=log_w,
+        extra={"h5": [str(r.h5) for r in results], "temperature_K": md_T, "steps": [r.steps for r in results]},
     )
+
+
+def _langevin(config: Config, system: System, start_nm: np.ndarray, temperature_K: float, steps: int, out_h5: Path,
+              progress: bool, seed_offset: int = 0):
+    from boltzgen.md import run_langevin
+
+    md, molecule = config.md, system.molecule
+    return run_langevin(
+        molecule.system, molecule.topology, start_nm, temperature_K=temperature_K,
+        target_temperature_K=molecule.temperature_K, steps=steps, report_every=md.report_every,
+        seed=md.seed + config.seed + seed_offset, timestep_fs=md.timestep_fs, friction_per_ps=md.friction_per_ps,
+        platform=md.platform, out_h5=out_h5, checkpoint=out_h5.with_suffix(".ckpt.h5"),
+        checkpoint_every=max(1, steps // md.report_every // 20), resume=True, progress=progress,
+    )
+
+
+def _seeded_state_runs(config: Config, system: System, plain, folder: Path, progress: bool) -> list:
+    """MD started in each configured state that the plain run never visited (see MDConfig)."""
+    from boltzgen.energies.openmm import minimize_positions
+
+    md = config.md
+    visited = state_masks(config, system.cvs(plain.positions_nm.reshape(plain.n_frames, -1)))
+    missing = [name for name, mask in visited.items() if not mask.any()]
+    if not missing:
+        return []
+    hot = _langevin(config, system, system.molecule.positions_nm, md.hot_temperature_K, md.hot_steps,
+                    folder / "hot.h5", progress, seed_offset=1)
+    hot_masks = state_masks(config, system.cvs(hot.positions_nm.reshape(hot.n_frames, -1)))
+    runs = []
+    for k, name in enumerate(missing, start=2):
+        candidates = np.flatnonzero(hot_masks[name])
+        if candidates.size == 0:
+            raise RunError(f"state {name} was reached neither by the MD nor by the hot MD ({md.hot_temperature_K:g} K, "
+                           f"{md.hot_steps} steps); raise md.hot_steps or md.hot_temperature_K, or set md.seed_states: false")
+        best = candidates[np.argmin(hot.potential_energy_kJ_mol[candidates])]
+        start = minimize_positions(system.molecule, hot.positions_nm[best].astype(np.float64))
+        runs.append(_langevin(config, system, start, md.temperature_K or system.molecule.temperature_K,
+                              md.seeded_steps or md.steps, folder / f"seeded_{name}.h5", progress, seed_offset=k))
+    return runs
 
 
 def training_data(config: Config, system: System, out_dir: Path, progress: bool) -> TrainingData:
@@ -273,6 +316,7 @@ def exact_free_energies(config: Config, energy: AnalyticEnergy) -> dict[tuple[st
 
 def data_free_energies(config: Config, system: System, data: TrainingData) -> list[dict[str, Any]]:
     """ΔF from baseline data, with jackknife errors over blocks (MD) or whole chains (MALA)."""
+    data = data.plain()
     masks = state_masks(config, system.cvs(data.x))
     shape = (data.n_chains, -1)
     # Independent chains are the blocks: a chain rarely crosses a barrier, so its frames are not.
@@ -338,7 +382,8 @@ def draw_samples(generator: BoltzmannGenerator, system: System, n: int, batch: i
             bar.update(len(x))
     bar.close()
     cvs = {key: np.concatenate([c[key] for c in cv_parts]) for key in cv_parts[0]}
-    return SampleSet(**{k: np.concatenate(v) for k, v in parts.items()}, cvs=cvs, x_head=np.concatenate(head),
+    x_head = np.concatenate(head) if head else np.empty((0, generator.energy.dim))
+    return SampleSet(**{k: np.concatenate(v) for k, v in parts.items()}, cvs=cvs, x_head=x_head,
                      n_wrong_chirality=n_wrong, wall_seconds=time.perf_counter() - started)
 
 
@@ -440,7 +485,8 @@ def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool 
         summary["chirality_rejected"] = config.coordinates.reject_wrong_chirality
     summary["baseline"] = {
         "source": data.source, "n_samples": int(data.x.shape[0]), "energy_evaluations": data.energy_evaluations,
-        "wall_seconds": data.wall_seconds, "free_energies": data_free_energies(config, system, data), **data.extra,
+        "wall_seconds": data.wall_seconds, "free_energies": data_free_energies(config, system, data),
+        "n_plain_samples": int(len(data.plain().x)), **data.extra,
     }
     reference = umbrella_reference(out_dir)
     if reference is not None:
@@ -476,8 +522,9 @@ def make_plots(out_dir: Path, system: System, data: TrainingData, samples: Sampl
                          plots_dir / "density.png")
         return
     data_cvs = system.cvs(data.x)
+    seeded = data.n_plain is not None and data.n_plain < len(data.x)
     plots.ramachandran(
-        [(data.source, data_cvs["phi"], data_cvs["psi"], None),
+        [(data.source + (" + state-seeded" if seeded else ""), data_cvs["phi"], data_cvs["psi"], None),
          ("flow", samples.cvs["phi"], samples.cvs["psi"], None),
          ("flow, reweighted", samples.cvs["phi"], samples.cvs["psi"], samples.log_w)],
         plots_dir / "ramachandran.png",
@@ -485,7 +532,9 @@ def make_plots(out_dir: Path, system: System, data: TrainingData, samples: Sampl
     edges = np.linspace(-np.pi, np.pi, 37)
     profiles = []
     label = data.source + (" reweighted to target" if data.log_w is not None else "")
-    for name, phi, log_w in ((label, data_cvs["phi"], data.log_w), ("flow, reweighted", samples.cvs["phi"], samples.log_w)):
+    plain = data.plain()
+    for name, phi, log_w in ((label, data_cvs["phi"][: len(plain.x)], plain.log_w),
+                             ("flow, reweighted", samples.cvs["phi"], samples.log_w)):
         fes = free_energy_surface(phi, log_w=log_w, bins=edges, n_bootstrap=50)
         f = np.asarray(fes.f_kT)
         profiles.append((name, 0.5 * (edges[1:] + edges[:-1]), f, np.asarray(fes.stderr_kT)))
@@ -513,7 +562,7 @@ def md_job(config: Config, resolved: dict[str, Any], out_dir: Path, progress: bo
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "plots").mkdir(exist_ok=True)
     atomic_write_text(folder / "config.yaml", dump_config(resolved))
-    data = run_md(config, system, out_dir, progress)
+    data = run_md(config, system, out_dir, progress).plain()
     log_w = np.zeros(len(data.u)) if data.log_w is None else data.log_w
     cvs = system.cvs(data.x)
     summary: dict[str, Any] = {

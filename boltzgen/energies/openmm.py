@@ -540,3 +540,19 @@ class OpenMMEnergy(Energy):
     def extra_repr(self) -> str:
         return (f"n_atoms={self.molecular_system.n_atoms}, T={self.molecular_system.temperature_K} K, "
                 f"platform={self.platform_name}, n_workers={self.n_workers}")
+
+
+def minimize_positions(molecule: MolecularSystem, positions_nm: np.ndarray, max_iterations: int = 500) -> np.ndarray:
+    """Local energy minimization on the Reference platform: ``[n_atoms, 3]`` nm in, the same out.
+
+    Used to relax a frame taken from hot MD before it seeds MD at a lower temperature.
+    """
+    integrator = openmm.VerletIntegrator(0.001)
+    context = openmm.Context(molecule.system, integrator, openmm.Platform.getPlatformByName("Reference"))
+    try:
+        context.setPositions(np.asarray(positions_nm, dtype=np.float64) * unit.nanometer)
+        openmm.LocalEnergyMinimizer.minimize(context, 1.0, max_iterations)
+        state = context.getState(getPositions=True)
+        return np.asarray(state.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
+    finally:
+        del context, integrator

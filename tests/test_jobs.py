@@ -1,0 +1,189 @@
+"""`boltzgen sample` and `boltzgen mcmc` (boltzgen.jobs) on a tiny trained double-well run."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from boltzgen import cli, jobs, pipeline
+from boltzgen.config import load_config
+from boltzgen.energies.analytic import DoubleWell
+from boltzgen.generator import BoltzmannGenerator
+from boltzgen.mcmc import StepSizeAdapter
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "baseline.chains=512", "baseline.steps=100", "baseline.warmup=50", "baseline.thin=10",
+    "flow.blocks=4", "flow.hidden=[32,32]", "flow.bins=8",
+    "training[0].steps=200", "training[0].batch=256",
+    "training[1].steps=60", "training[1].batch=256",
+    "sampling.n=4000", "sampling.batch=4000", "sampling.n_bootstrap=50",
+    "checkpoint_every=1000", "log_every=50",
+]
+
+
+def train_tiny_run(out_dir: Path) -> Path:
+    """A double-well run dir trained for a few hundred steps (about 15 s on one core)."""
+    torch.set_num_threads(1)
+    config, resolved = load_config(ROOT / "systems" / "double_well.yaml", TINY)
+    pipeline.train(config, resolved, out_dir, progress=False)
+    return out_dir
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    return train_tiny_run(tmp_path_factory.mktemp("dw") / "run")
+
+
+def exact_p_right() -> float:
+    return DoubleWell().quadrature_probabilities({"B": lambda cvs: cvs["x0"] > 0})["B"]
+
+
+# --- sample ------------------------------------------------------------------------------------------
+
+def test_sample_streams_n_samples_in_batches(run_dir, tmp_path, monkeypatch):
+    sizes: list[int] = []
+    original = BoltzmannGenerator.sample
+
+    def spy(self, n, batch_size=65536):
+        sizes.append(n)
+        return original(self, n, batch_size=batch_size)
+
+    monkeypatch.setattr(BoltzmannGenerator, "sample", spy)
+    out = tmp_path / "s.h5"
+    summary = jobs.sample_job(run_dir, n=3000, batch=700, out=out, progress=False)
+    assert sum(sizes) == 3000 and max(sizes) <= 700 and len(sizes) == 5
+    with h5py.File(out, "r") as f:
+        assert f["positions"].shape == (3000, 2)
+        for name in ("log_q", "u", "log_w"):
+            assert f[name].shape == (3000,)
+        np.testing.assert_allclose(f["log_w"][()], -f["u"][()] - f["log_q"][()])
+    on_disk = json.loads((run_dir / "sample_summary.json").read_text())
+    assert on_disk == json.loads(json.dumps(summary))
+    for key in ("ess", "n_samples", "n_nonfinite", "max_normalized_weight", "pareto_khat", "weights_reliable",
+                "ess_per_observable", "free_energies", "fes", "energy_evaluations", "wall_seconds"):
+        assert key in summary, key
+    assert summary["n_samples"] == 3000 and summary["energy_evaluations"]["total"] == 3000
+    assert 0 < summary["ess"] <= 1 and 0 < summary["max_normalized_weight"] <= 1
+    assert set(summary["ess_per_observable"]) == {"x0", "x1", "state:A", "state:B"}
+    row = summary["free_energies"][0]
+    assert (row["from"], row["to"]) == ("A", "B") and row["stderr_kT"] > 0 and "exact_kT" in row
+    for name in ("x0", "x1", "x0,x1"):
+        fes = summary["fes"][name]
+        assert len(fes["f_kT"]) == len(fes["stderr_kT"]) == jobs.FES_BINS_1D
+        assert min(v for v in np.ravel(np.array(fes["f_kT"], dtype=float)) if np.isfinite(v)) == 0.0
+    for png in ("sample_fes_x0.png", "sample_fes_x1.png", "sample_fes_x0_x1.png", "sample_fes.json"):
+        assert (run_dir / "plots" / png).is_file()
+
+
+def test_sample_weights_option_and_khat_warning(run_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(pipeline, "pareto_khat", lambda log_w: 0.93)
+    rc = cli.main(["sample", str(run_dir), "--n", "2000", "--batch", "1000", "--weights", "psis",
+                   "--out", str(tmp_path / "s.h5"), "--no-progress"])
+    captured = capsys.readouterr()
+    assert rc == 0
+    warning = [line for line in captured.err.splitlines() if line.startswith("WARNING")]
+    assert len(warning) == 1 and "0.93" in warning[0]
+    summary = json.loads((run_dir / "sample_summary.json").read_text())
+    assert summary["weights"] == "psis" and "ess_raw" in summary and summary["weights_reliable"] is False
+
+
+def test_weights_help_states_the_bias():
+    text = jobs.WEIGHTS_HELP
+    assert "psis" in text and "truncate" in text and "bias" in text
+
+
+# --- mcmc --------------------------------------------------------------------------------------------
+
+def test_mcmc_imh_is_consistent_with_quadrature(run_dir, tmp_path):
+    chains, steps, thin = 128, 600, 2
+    summary = jobs.mcmc_job(run_dir, chains=chains, steps=steps, warmup=50, thin=thin, moves="imh",
+                            out_dir=tmp_path / "mcmc", progress=False)
+    T = steps // thin
+    with h5py.File(tmp_path / "mcmc" / "chains.h5", "r") as f:
+        assert f["positions"].shape == (chains * T, 2)
+        chain = f["chain"][()]
+        x = f["positions"][()]
+        u = f["u"][()]
+        assert f.attrs["order"] == "chain-major"
+    np.testing.assert_array_equal(chain, np.repeat(np.arange(chains), T))  # chain-major
+    np.testing.assert_allclose(u, DoubleWell()(torch.from_numpy(x)).numpy(), rtol=1e-10, atol=1e-10)
+    x0 = x[:, 0]
+    assert summary["n_samples"] == chains * T
+    rate = summary["acceptance_rate"]["imh"]
+    assert 0.0 <= rate <= 1.0 and rate > 0.3
+    # P(x0 > 0): chains are independent, so the error is the spread of per-chain means
+    per_chain = (x0.reshape(chains, T) > 0).mean(axis=1)
+    p, se = per_chain.mean(), per_chain.std(ddof=1) / math.sqrt(chains)
+    assert abs(p - exact_p_right()) < 4 * se, (p, se, exact_p_right())
+    row = summary["free_energies"][0]
+    assert abs(row["delta_f_kT"] - row["exact_kT"]) < 4 * row["stderr_kT"]
+    for key in ("ess", "n_samples", "n_nonfinite", "free_energies", "energy_evaluations", "wall_seconds",
+                "acceptance_rate", "tau_int"):
+        assert key in summary, key
+    assert set(summary["tau_int"]) == {"x0", "x1", "u", "state:A", "state:B"}
+    assert all(t is None or t >= 0.5 for t in summary["tau_int"].values())
+    assert summary["energy_evaluations"]["total"] >= chains * (steps + 50)
+
+
+def test_mcmc_step_sizes_adapt_in_warmup_only(run_dir, tmp_path, monkeypatch):
+    calls = []
+    original = StepSizeAdapter.update
+
+    def spy(self, accept_prob):
+        calls.append(accept_prob)
+        return original(self, accept_prob)
+
+    monkeypatch.setattr(StepSizeAdapter, "update", spy)
+    warmup, steps, chains = 30, 40, 32
+    summary = jobs.mcmc_job(run_dir, chains=chains, steps=steps, warmup=warmup, thin=4, moves="imh+mala",
+                            out_dir=tmp_path / "m", progress=False)
+    assert len(calls) == warmup  # one adaptation per warm-up step of the one adaptive move, none after
+    assert set(summary["acceptance_rate"]) == {"imh", "cartesian_mala"}
+    assert all(0.0 <= v <= 1.0 for v in summary["acceptance_rate"].values())
+    assert summary["step_sizes"]["cartesian_mala"] > 0
+    with h5py.File(tmp_path / "m" / "chains.h5", "r") as f:
+        assert f["positions"].shape[0] == chains * steps // 4
+
+
+def test_mcmc_latent_mala_runs(run_dir, tmp_path):
+    summary = jobs.mcmc_job(run_dir, chains=16, steps=20, warmup=10, moves="latent_mala", out_dir=tmp_path / "m",
+                            progress=False)
+    assert 0.0 <= summary["acceptance_rate"]["latent_mala"] <= 1.0
+    assert summary["n_samples"] == 16 * 20
+
+
+# --- errors ------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("argv", [["sample", "{missing}", "--n", "10"], ["mcmc", "{missing}"]])
+def test_missing_run_dir_is_one_line_exit_2(argv, tmp_path, capsys):
+    missing = str(tmp_path / "nope")
+    rc = cli.main([a.format(missing=missing) for a in argv])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert len(err.strip().splitlines()) == 1 and err.startswith("boltzgen: error:") and missing in err
+
+
+def test_missing_or_corrupt_checkpoint_is_one_line_exit_2(run_dir, tmp_path, capsys):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    assert cli.main(["mcmc", str(broken)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "checkpoint.pt" in err
+    (broken / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    assert cli.main(["sample", str(broken), "--n", "10"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "cannot be loaded" in err
+
+
+def test_bad_arguments_are_one_line_exit_2(run_dir, capsys):
+    assert cli.main(["mcmc", str(run_dir), "--steps", "1", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--steps" in err

@@ -1,0 +1,107 @@
+"""`boltzgen compare` (boltzgen.report) on a tiny trained double-well run with an MCMC run beside it."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from boltzgen import cli, jobs, pipeline, report
+from boltzgen.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "baseline.chains=512", "baseline.steps=100", "baseline.warmup=50", "baseline.thin=10",
+    "flow.blocks=4", "flow.hidden=[32,32]", "flow.bins=8",
+    "training[0].steps=150", "training[0].batch=256",
+    "training[1].steps=40", "training[1].batch=256",
+    "sampling.n=4000", "sampling.batch=4000", "sampling.n_bootstrap=50",
+    "checkpoint_every=1000", "log_every=50",
+]
+UMBRELLA = {
+    "free_energies": [{"from": "A", "to": "B", "delta_f_kT": 3.3, "stderr_kT": 0.2}],
+    "profile": {"centers_rad": [-1.0, 0.0, 1.0], "f_kT": [0.0, 5.0, 1.0], "stderr_kT": [0.1, 0.2, 0.1]},
+    "energy_evaluations": {"total": 1_000_000},
+    "wall_seconds": 12.0,
+}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("dw") / "run"
+    config, resolved = load_config(ROOT / "systems" / "double_well.yaml", TINY)
+    pipeline.train(config, resolved, out, progress=False)
+    jobs.mcmc_job(out, chains=64, steps=100, warmup=20, moves="imh", progress=False)
+    return out
+
+
+def test_compare_writes_report_and_json_with_the_methods_present(run_dir):
+    result = report.compare_job(run_dir)
+    assert (run_dir / "report.md").is_file() and (run_dir / "compare.json").is_file()
+    data = json.loads((run_dir / "compare.json").read_text())
+    methods = {row["method"]: row for row in data["methods"]}
+    assert set(methods) == {"exact (quadrature)", "importance sampling (flow)", "MCMC (imh)",
+                            "baseline MALA (local MCMC)"}
+    assert data["reference"] == "exact quadrature"
+    exact = methods["exact (quadrature)"]["delta_f_kT"]
+    assert abs(exact - 3.38) < 0.01
+    text = (run_dir / "report.md").read_text()
+    for name in methods:
+        assert name in text
+    assert "(stderr / 0.1)²" in text  # the scaling assumption is stated
+    for name in ("importance sampling (flow)", "MCMC (imh)"):
+        row = methods[name]
+        assert 0.0 <= row["js_divergence"] <= math.log(2)
+        assert row["fes_rmse_kT"] >= 0 and row["fes_bins_compared"] > 10
+        assert row["error_vs_exact_kT"] == pytest.approx(row["delta_f_kT"] - exact)
+        cost = row["cost_to_0.1kT"]
+        factor = (row["stderr_kT"] / 0.1) ** 2
+        assert cost["energy_evaluations"] == pytest.approx(row["fixed_energy_evaluations"] + row["energy_evaluations"] * factor)
+        assert cost["wall_seconds"] == pytest.approx(row["fixed_wall_seconds"] + row["wall_seconds"] * factor)
+    assert methods["baseline MALA (local MCMC)"]["js_divergence"] is None  # no data file for the baseline
+    for png in ("compare_delta_f.png", "compare_fes.png", "compare_fes_2d.png"):
+        assert (run_dir / "plots" / png).is_file()
+    assert result["table_markdown"].startswith("| method")
+
+
+def test_compare_prefers_sample_summary_and_reads_umbrella(run_dir, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    jobs.sample_job(run, n=3000, batch=1000, progress=False)
+    (run / "umbrella").mkdir()
+    (run / "umbrella" / "summary.json").write_text(json.dumps(UMBRELLA))
+    assert cli.main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert "| umbrella sampling + MBAR | +3.300 ± 0.200 |" in out
+    methods = {row["method"]: row for row in json.loads((run / "compare.json").read_text())["methods"]}
+    assert methods["importance sampling (flow)"]["n_samples"] == 3000
+    assert methods["importance sampling (flow)"]["source"].endswith("sample_summary.json")
+    umbrella = methods["umbrella sampling + MBAR"]
+    assert umbrella["delta_f_kT"] == 3.3
+    assert umbrella["cost_to_0.1kT"]["energy_evaluations"] == pytest.approx(1_000_000 * 4.0)
+
+
+def test_compare_errors_are_one_line_exit_2(run_dir, tmp_path, capsys):
+    assert cli.main(["compare", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("boltzgen: error:")
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "samples.h5").write_bytes(b"garbage, not HDF5")
+    assert cli.main(["compare", str(run)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "samples.h5" in err
+
+
+def test_compare_with_nothing_to_compare(tmp_path, run_dir, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(run_dir / "config.yaml", run / "config.yaml")
+    assert cli.main(["compare", str(run)]) == 2
+    assert "no results to compare" in capsys.readouterr().err
