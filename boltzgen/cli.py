@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
                                     "(md.h5, summary.json, plots). An interrupted run resumes; a finished "
                                     "identical run is reused. `boltzgen train` reuses <run>/md/md.h5.")
     _add_config_options(md)
+    md.add_argument("--umbrella", action="store_true",
+                    help="instead of plain MD, run the umbrella-sampling reference along phi (config `umbrella:`) "
+                         "into <run>/umbrella/; `train` and `compare` pick it up")
 
     check = sub.add_parser("check-energy", help="compare the torch force field with OpenMM on perturbed configurations",
                            description="Evaluates the torch energy and forces and OpenMM's (Reference platform) on N "
@@ -121,6 +124,8 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
         for row in baseline.get("free_energies", []):
             lines.append(f"ΔF {row['from']}→{row['to']} {baseline['source']:<12} "
                          f"{row['delta_f_kT']:+.4f} ± {row['stderr_kT']:.4f} kT")
+    for row in (summary.get("umbrella") or {}).get("free_energies", []):
+        lines.append(f"ΔF {row['from']}→{row['to']} umbrella     {row['delta_f_kT']:+.4f} ± {row['stderr_kT']:.4f} kT")
     evaluations = summary.get("energy_evaluations", {})
     if evaluations:
         parts = ", ".join(f"{key} {value:,}" for key, value in evaluations.items() if key != "total")
@@ -142,10 +147,14 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 def _cmd_md(args: argparse.Namespace) -> int:
     from boltzgen.config import load_config
-    from boltzgen.pipeline import md_job
+    from boltzgen.pipeline import md_job, umbrella_job
 
     config, resolved = load_config(args.config, args.overrides)
     out_dir = args.out or Path("runs") / config.name
+    if args.umbrella:
+        summary = umbrella_job(config, resolved, out_dir, progress=not args.no_progress)
+        _print_summary(summary, out_dir / "umbrella")
+        return 0
     summary = md_job(config, resolved, out_dir, progress=not args.no_progress)
     _print_summary(summary, out_dir / "md")
     return 0

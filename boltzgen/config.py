@@ -117,15 +117,19 @@ class MDConfig(_Strict):
 
 
 class UmbrellaConfig(_Strict):
-    """Umbrella sampling along phi, unbiased with MBAR: the reference when plain MD cannot cross."""
+    """Adaptive umbrella sampling along phi with a flattening bias: the reference ΔF when plain MD
+    cannot cross. Stage 1, short multi-window umbrella sampling + MBAR, gives a rough profile F(phi);
+    stage 2 runs ``n_repeats`` long MD runs under the bias -min(F, f_cap) and reweights them."""
 
-    enabled: bool = True
-    spacing_deg: PositiveFloat = 10.0
-    skip_deg: list[list[float]] = Field(default_factory=lambda: [[110.0, 140.0]])
-    k_kJ_per_mol_rad2: PositiveFloat = 200.0
-    steps_per_window: PositiveInt = 50_000
-    equilibration_steps: int = Field(default=5_000, ge=0)
-    report_every: PositiveInt = 50
+    stage1_spacing_deg: PositiveFloat = 10.0
+    stage1_k_kJ_per_mol_rad2: PositiveFloat = 200.0
+    stage1_steps_per_window: PositiveInt = 20_000
+    stage1_skip_deg: list[tuple[float, float]] = Field(default_factory=lambda: [(115.0, 135.0)])
+    f_cap_kT: PositiveFloat = 18.0
+    production_steps: PositiveInt = 5_000_000
+    n_repeats: PositiveInt = 2
+    report_every: PositiveInt = 100
+    platform: str = "Reference"
 
 
 # --- training and sampling --------------------------------------------------------------------

@@ -582,3 +582,47 @@ def md_job(config: Config, resolved: dict[str, Any], out_dir: Path, progress: bo
     summary["wall_seconds"] = time.perf_counter() - started
     atomic_write_json(folder / "summary.json", summary)
     return summary
+
+
+def umbrella_job(config: Config, resolved: dict[str, Any], out_dir: Path, progress: bool = True) -> dict[str, Any]:
+    """`boltzgen md --umbrella`: the flattened-umbrella reference along phi into ``<run>/umbrella/``.
+
+    The states must be defined on ``phi`` alone (the last state is B, the first A). Finished and
+    interrupted parts in the folder are reused.
+    """
+    import mdtraj
+
+    from boltzgen.md import run_flattened_umbrella
+
+    if not isinstance(config.system, OpenMMSystem):
+        raise RunError(f"umbrella sampling needs an OpenMM system, not {config.system.type}")
+    pairs = state_pairs(config)
+    states = resolve_states(config.states)
+    if len(pairs) != 1 or any(state.names_used() - {"phi"} for state in states.values()):
+        raise RunError("umbrella sampling needs exactly two states defined on phi alone, e.g. "
+                       "{A: \"not B\", B: \"0 < phi < 2.2\"}")
+    torch.set_num_threads(config.cpu_threads)
+    system = build_system(config)
+    molecule = system.molecule
+    top = molecule.mdtraj_topology
+    probe = mdtraj.Trajectory(molecule.positions_nm[None], top)
+    phi_atoms, psi_atoms = mdtraj.compute_phi(probe)[0], mdtraj.compute_psi(probe)[0]
+    if len(phi_atoms) == 0:
+        raise RunError(f"{config.system.pdb}: no backbone phi torsion found for umbrella sampling")
+    b_state = states[pairs[0][1]]
+    cfg = config.umbrella
+    folder = out_dir / "umbrella"
+    folder.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(folder / "config.yaml", dump_config(resolved))
+    result = run_flattened_umbrella(
+        molecule.system, molecule.topology, molecule.positions_nm,
+        dihedral_atoms=tuple(int(i) for i in phi_atoms[0]),
+        psi_atoms=tuple(int(i) for i in psi_atoms[0]) if len(psi_atoms) else None,
+        temperature_K=molecule.temperature_K, state_b=lambda phi: b_state.evaluate({"phi": phi}), out_dir=folder,
+        seed=config.seed, stage1_spacing_deg=cfg.stage1_spacing_deg,
+        stage1_k_kJ_per_mol_rad2=cfg.stage1_k_kJ_per_mol_rad2, stage1_steps_per_window=cfg.stage1_steps_per_window,
+        stage1_skip_ranges_deg=[tuple(r) for r in cfg.stage1_skip_deg], f_cap_kT=cfg.f_cap_kT,
+        production_steps=cfg.production_steps, n_repeats=cfg.n_repeats, report_every=cfg.report_every,
+        platform=cfg.platform, progress=progress,
+    )
+    return json.loads((folder / "summary.json").read_text())

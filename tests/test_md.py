@@ -348,3 +348,127 @@ def test_umbrella_resume_reuses_finished_windows(tmp_path: Path) -> None:
     # Each window's start is near its own centre thanks to the outward walk.
     for c, p in zip(first.centers_rad, first.phi_per_window):
         assert abs((np.mean(np.exp(1j * p)) * np.exp(-1j * c))) > 0.5
+
+
+# --------------------------------------------------------------------------------------------- flattened umbrella
+
+
+def exact_profile_kT(centers: np.ndarray, temperature_K: float = 300.0) -> np.ndarray:
+    """Exact F(phi) = V_tors(phi)/kT of the test chain, minimum 0 (kT)."""
+    v = v_torsion(np.asarray(centers, dtype=np.float64)) / md.kT_kJ_per_mol(temperature_K)
+    return v - v_torsion(quadrature_grid()).min() / md.kT_kJ_per_mol(temperature_K)
+
+
+def test_flattening_bias_table_is_periodic_finite_and_capped() -> None:
+    kT = md.kT_kJ_per_mol(300.0)
+    centers = np.radians(np.arange(-177.5, 180.0, 5.0))
+    f = 30.0 * (1.0 + np.cos(centers)) / 2.0 + 3.0  # 3..33 kT, max at phi = 0
+    f[10] = np.inf  # an empty bin
+    f[20] = np.nan
+    bias = md.flattening_bias(centers, f, kT_kJ_per_mol=kT, f_cap_kT=18.0)
+    v = bias.energy_kJ_mol
+    assert bias.grid_rad[0] == -math.pi and bias.grid_rad[-1] == math.pi
+    assert np.all(np.isfinite(v)) and v[0] == v[-1]
+    flat = -v / kT
+    # Shifted to minimum 0 and capped: the cap region is flat, the minimum is cancelled fully.
+    # (a cubic spline overshoots a little next to the empty bins and the cap)
+    assert flat.max() == pytest.approx(18.0, abs=0.3) and flat.min() == pytest.approx(0.0, abs=0.3)
+    np.testing.assert_allclose(bias.flattened_profile_kT(0.0), 18.0, atol=1e-6)
+    # Away from the cap and the empty bins, the spline reproduces the profile it flattens.
+    ok = (f - 3.0 < 16.0) & np.isfinite(f)
+    ok[8:23] = False
+    np.testing.assert_allclose(bias.flattened_profile_kT(centers[ok]), (f - 3.0)[ok], atol=0.05)
+    # Continuous across the +-pi seam, in numpy and in OpenMM.
+    assert bias.energy_at(math.pi - 1e-7) == pytest.approx(bias.energy_at(-math.pi + 1e-7), abs=1e-4)
+
+    sys_bias = openmm.System()
+    for _ in range(4):
+        sys_bias.addParticle(12.0)
+    sys_bias.addForce(md.flattening_bias_force(CHAIN, bias))
+    ctx = openmm.Context(sys_bias, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    rng = np.random.default_rng(0)
+    xyz = rng.normal(size=(40, 4, 3))
+    phi = md.dihedral_rad(xyz, CHAIN)
+    energies = []
+    for x in xyz:
+        ctx.setPositions(x * unit.nanometer)
+        energies.append(ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    np.testing.assert_allclose(energies, bias.energy_at(phi), atol=1e-3)
+
+
+def test_flattened_reweighting_sign_and_transitions() -> None:
+    """iid samples from the biased (flat) ensemble: exp(+V/kT) recovers the exact ΔF, exp(-V/kT) does not."""
+    kT = md.kT_kJ_per_mol(300.0)
+    centers = np.radians(np.arange(-177.5, 180.0, 5.0))
+    bias = md.flattening_bias(centers, exact_profile_kT(centers), kT_kJ_per_mol=kT, f_cap_kT=50.0)
+    # F + V is flat up to the spline error, so the biased ensemble is ~uniform on the circle:
+    # draw uniform samples and correct the small residual with rejection sampling.
+    rng = np.random.default_rng(1)
+    phi = rng.uniform(-math.pi, math.pi, size=400_000)
+    log_resid = -(v_torsion(phi) + bias.energy_at(phi)) / kT
+    phi = phi[np.log(rng.uniform(size=phi.size)) < log_resid - log_resid.max()][:200_000]
+    phi = phi.reshape(2, -1)
+    est = md.analyze_flattened_umbrella(
+        phi, bias.energy_at(phi), temperature_K=300.0, state_b=state_b, bias=bias, n_blocks=10
+    )
+    exact = exact_delta_f(300.0)
+    assert abs(est.delta_f_kT - exact) < max(4 * est.stderr_kT, 0.03), (est.delta_f_kT, est.stderr_kT, exact)
+    assert len(est.repeat_delta_f_kT) == 2 and est.n_samples == phi.size
+    assert all(t > 1000 for t in est.transitions)  # iid samples hop between cores all the time
+    wrong = md.analyze_flattened_umbrella(
+        phi, -bias.energy_at(phi), temperature_K=300.0, state_b=state_b, bias=bias, n_blocks=10
+    )
+    assert abs(wrong.delta_f_kT - exact) > 1.0
+    # The reweighted profile is the exact one (bins of 5 degrees, minimum 0).
+    f_exact = exact_profile_kT(est.profile.bin_centers_rad)
+    d = est.profile.f_kT - f_exact
+    assert np.max(np.abs(d - d.mean())) < 0.1 + 4 * np.nanmax(est.profile.stderr_kT)
+    assert np.all(np.isfinite(est.profile.stderr_kT))
+
+    # Transition counting: cores only, recrossings of the boundary do not count.
+    labels = np.array([0, 0, -1, 0, -1, 1, 1, -1, 1, -1, 0, 0])
+    assert md._count_transitions(labels) == 2
+
+
+def test_flattened_umbrella_matches_quadrature_and_resumes(tmp_path: Path) -> None:
+    system, top, pos = make_chain()
+    kw = dict(
+        dihedral_atoms=CHAIN, psi_atoms=None, temperature_K=300.0, state_b=state_b, out_dir=tmp_path, seed=2,
+        stage1_spacing_deg=30.0, stage1_k_kJ_per_mol_rad2=20.0, stage1_steps_per_window=4_000,
+        stage1_equilibration_steps=200, stage1_skip_ranges_deg=(), f_cap_kT=18.0,
+        production_steps=100_000, production_equilibration_steps=1_000, n_repeats=2, report_every=50,
+        timestep_fs=4.0, friction_per_ps=5.0, progress=False, parallel=True,
+    )
+    res = md.run_flattened_umbrella(system, top, pos, **kw)
+    exact = exact_delta_f(300.0)
+    err = res.delta_f_kT - exact
+    assert 0.0 < res.stderr_kT < 0.1
+    assert abs(err) < 4 * res.stderr_kT and abs(err) < 0.15, (res.delta_f_kT, res.stderr_kT, exact)
+    assert len(res.repeat_delta_f_kT) == 2 and all(abs(v - exact) < 0.3 for v in res.repeat_delta_f_kT)
+    assert all(t > 20 for t in res.transitions)
+    assert res.stage1_energy_evaluations == 12 * 4_200
+    assert res.energy_evaluations == res.stage1_energy_evaluations + 2 * 100_000
+    assert res.n_samples == 2 * (2_000 - 20)
+    # The biased runs sample the circle far more evenly than the unbiased density would.
+    phi = np.concatenate([md.load_md(p).dihedrals_rad["phi"] for p in res.production_h5])
+    hist = np.histogram(phi, bins=12, range=(-math.pi, math.pi))[0]
+    assert hist.min() > 0.2 * hist.max()
+    # Stored bias energies are the table's V(phi).
+    run0 = md.load_md(res.production_h5[0])
+    np.testing.assert_allclose(run0.bias_energy_kJ_mol, res.bias.energy_at(run0.dihedrals_rad["phi"]), atol=1e-3)
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "flattened_umbrella"
+    fe = summary["free_energies"][0]
+    assert (fe["from"], fe["to"]) == ("A", "B") and fe["delta_f_kT"] == pytest.approx(res.delta_f_kT)
+    assert fe["repeats_kT"] == pytest.approx(list(res.repeat_delta_f_kT))
+    assert set(summary["profile"]) >= {"centers_rad", "f_kT", "stderr_kT"}
+    assert len(summary["profile"]["centers_rad"]) == len(summary["profile"]["f_kT"]) == 72
+    assert summary["energy_evaluations"]["total"] == res.energy_evaluations
+    assert summary["transitions"] == list(res.transitions) and summary["n_samples"] == res.n_samples
+
+    # Second call: every file is reused, the result is identical.
+    mtimes = [p.stat().st_mtime_ns for p in (*res.production_h5, *res.stage1_h5)]
+    again = md.run_flattened_umbrella(system, top, pos, **{**kw, "parallel": False})
+    assert [p.stat().st_mtime_ns for p in (*again.production_h5, *again.stage1_h5)] == mtimes
+    assert again.delta_f_kT == res.delta_f_kT and again.stderr_kT == res.stderr_kT
