@@ -261,6 +261,14 @@ def build_generator(config: Config, system: System, x_data: torch.Tensor | None)
     return BoltzmannGenerator(prior, flow, energy)
 
 
+def to_flow_dtype(generator: BoltzmannGenerator, device: torch.device, dtype: torch.dtype) -> None:
+    """Move the generator to ``device``; only the prior and flow take the flow's dtype, so the
+    energy's constants keep float64 (a round trip through float32 would round them)."""
+    generator.to(device=device)
+    generator.prior.to(dtype=dtype)
+    generator.flow.to(dtype=dtype)
+
+
 def build_coordinates(config: Config, system: System, x_data: torch.Tensor | None):
     from boltzgen.coordinates import InternalCoordinates, MixedCoordinates, build_mixed_zmatrix, zmatrix_from_topology
 
@@ -441,8 +449,7 @@ def load_run(run_dir: Path) -> tuple[Config, dict[str, Any], System, BoltzmannGe
     except Exception as exc:  # a truncated or foreign file: say which, not a traceback
         raise RunError(f"{run_dir / 'checkpoint.pt'}: cannot be loaded ({type(exc).__name__}); retrain or "
                        "--resume the run") from None
-    generator = generator.to(device=device, dtype=getattr(torch, config.dtype))
-    generator.energy.to(device=device, dtype=torch.float64)
+    to_flow_dtype(generator, device, getattr(torch, config.dtype))
     generator.eval()
     return config, resolved, system, generator
 
@@ -467,8 +474,8 @@ def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool 
     energy.evaluations = 0
 
     x_train = torch.as_tensor(data.x, dtype=torch.float64)
-    generator = build_generator(config, system, x_train).to(device=device, dtype=dtype)
-    energy.to(dtype=torch.float64)
+    generator = build_generator(config, system, x_train)
+    to_flow_dtype(generator, device, dtype)
     trainer = Trainer(generator, config.training, out_dir, data=x_train.to(device=device, dtype=dtype),
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=progress)
     trainer.run(resume=resume)
