@@ -17,8 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import h5py
+import mdtraj
 import numpy as np
 import torch
+from mdtraj.formats.hdf5 import HDF5TrajectoryFile
 
 
 class DataFileError(ValueError):
@@ -66,12 +68,31 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
 
 def topology_json(topology: Any) -> str:
     """mdtraj's JSON serialization of an mdtraj (or OpenMM) topology."""
-    import mdtraj
-    from mdtraj.formats.hdf5 import HDF5TrajectoryFile
-
     if not isinstance(topology, mdtraj.Topology):
         topology = mdtraj.Topology.from_openmm(topology)
     return json.dumps(HDF5TrajectoryFile.convert_topology_to_dict(topology))
+
+
+def topology_from_json(raw: bytes | str) -> mdtraj.Topology:
+    """Inverse of :func:`topology_json` (mirrors mdtraj's reader, needs no PyTables)."""
+    data = json.loads(raw.decode() if isinstance(raw, bytes) else raw)
+    top = mdtraj.Topology()
+    for chain_dict in sorted(data["chains"], key=lambda c: c["index"]):
+        chain = top.add_chain(chain_id=chain_dict.get("chain_id"))
+        for res_dict in sorted(chain_dict["residues"], key=lambda r: r["index"]):
+            residue = top.add_residue(
+                res_dict["name"], chain, resSeq=res_dict.get("resSeq"), segment_id=res_dict.get("segmentID", "")
+            )
+            for atom_dict in sorted(res_dict["atoms"], key=lambda a: a["index"]):
+                try:
+                    element = mdtraj.element.get_by_symbol(atom_dict["element"])
+                except KeyError:
+                    element = mdtraj.element.virtual
+                top.add_atom(atom_dict["name"], element, residue)
+    atoms = list(top.atoms)
+    for a, b in data["bonds"]:
+        top.add_bond(atoms[a], atoms[b])
+    return top
 
 
 class SampleWriter:

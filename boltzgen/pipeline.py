@@ -599,7 +599,7 @@ def umbrella_job(config: Config, resolved: dict[str, Any], out_dir: Path, progre
     """
     import mdtraj
 
-    from boltzgen.md import run_flattened_umbrella
+    from boltzgen.umbrella import run_flattened_umbrella
 
     if not isinstance(config.system, OpenMMSystem):
         raise RunError(f"umbrella sampling needs an OpenMM system, not {config.system.type}")
@@ -621,7 +621,7 @@ def umbrella_job(config: Config, resolved: dict[str, Any], out_dir: Path, progre
     folder = out_dir / "umbrella"
     folder.mkdir(parents=True, exist_ok=True)
     atomic_write_text(folder / "config.yaml", dump_config(resolved))
-    result = run_flattened_umbrella(
+    run_flattened_umbrella(
         molecule.system, molecule.topology, molecule.positions_nm,
         dihedral_atoms=tuple(int(i) for i in phi_atoms[0]),
         psi_atoms=tuple(int(i) for i in psi_atoms[0]) if len(psi_atoms) else None,

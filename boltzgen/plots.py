@@ -111,10 +111,11 @@ def free_energy_profiles(profiles: list[tuple[str, np.ndarray, np.ndarray, np.nd
     fig, ax = plt.subplots(figsize=(6.5, 4))
     for label, centers, f, err in profiles:
         ok = np.isfinite(f)
-        ax.plot(centers[ok], f[ok], marker=".", label=label)
+        # NaN breaks the line, so an unvisited stretch shows as a gap instead of a straight bridge.
+        ax.plot(centers, np.where(ok, f, np.nan), marker=".", label=label)
         if err is not None:
             good = ok & np.isfinite(err)
-            ax.fill_between(centers[good], (f - err)[good], (f + err)[good], alpha=0.25)
+            ax.fill_between(centers, np.where(good, f - err, np.nan), np.where(good, f + err, np.nan), alpha=0.25)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("F [kT]")
     ax.legend()

@@ -58,12 +58,12 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _topology(path: Path) -> Any:
-    from boltzgen.md import _topology_from_json
+    from boltzgen.io import topology_from_json
 
     with h5py.File(path, "r") as f:
         if "topology" not in f:
             raise DataFileError(f"{path}: no topology dataset; a molecular samples file needs one")
-        return _topology_from_json(f["topology"][0])
+        return topology_from_json(f["topology"][0])
 
 
 def read_cvs(path: Path, cv_fn: Callable[[np.ndarray], dict[str, np.ndarray]], names: list[str],
@@ -446,7 +446,7 @@ def _report_markdown(name: str, table: str, rows: list[dict[str, Any]], grid: _G
         f"# {name}: methods compared", "",
         table, "",
         "## How to read this", "",
-        f"- ΔF ± standard error in kT for the first state pair; every pair is in `compare.json`.",
+        "- ΔF ± standard error in kT for the first state pair; every pair is in `compare.json`.",
         "- ESS: effective number of independent samples, each by its method's own definition: importance "
         "sampling, Kish ESS (sum w)²/sum w²; MCMC and MD, n / max τ_int over the CVs, u and the state "
         "indicators (0 when a chain never moved); — when unknown.",

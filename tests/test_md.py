@@ -20,7 +20,7 @@ import openmm.app as app
 import pytest
 from openmm import unit
 
-from boltzgen import md
+from boltzgen import md, umbrella
 
 # (periodicity, phase rad, k kJ/mol): barrier ≈ 5.2 kT at 300 K, asymmetric wells.
 TORSION_TERMS = ((1, 0.0, 6.0), (2, 1.0, 1.5))
@@ -237,7 +237,7 @@ def test_bias_is_applied_but_excluded_from_stored_energy(tmp_path: Path) -> None
     center, k = 3.0, 400.0  # near +pi, so the restrained torsion straddles the ±pi seam
     res = md.run_langevin(
         system, top, pos, steps=8000, report_every=40, seed=8, out_h5=tmp_path / "b.h5",
-        bias=md.umbrella_bias_force(CHAIN, center, k), record_dihedrals={"phi": CHAIN}, **MD_KW,
+        bias=umbrella.umbrella_bias_force(CHAIN, center, k), record_dihedrals={"phi": CHAIN}, **MD_KW,
     )
     phi = res.dihedrals_rad["phi"][20:]
     d = (phi - center + math.pi) % (2 * math.pi) - math.pi
@@ -245,7 +245,7 @@ def test_bias_is_applied_but_excluded_from_stored_energy(tmp_path: Path) -> None
     assert (phi < 0).any()  # ... and frames cross the seam, exercising the minimum-image term
     # Stored potential is the unbiased system's energy; the bias energy matches the numpy formula.
     np.testing.assert_allclose(res.potential_energy_kJ_mol, openmm_energies(system, res.positions_nm), atol=2e-3)
-    expected_bias = md.umbrella_bias_kJ_mol(res.dihedrals_rad["phi"], np.array([center]), k)[0]
+    expected_bias = umbrella.umbrella_bias_kJ_mol(res.dihedrals_rad["phi"], np.array([center]), k)[0]
     np.testing.assert_allclose(res.bias_energy_kJ_mol, expected_bias, rtol=1e-4, atol=1e-4)
     assert system.getNumForces() == 3  # the caller's system is untouched
 
@@ -266,13 +266,13 @@ def test_high_temperature_md_samples_its_own_temperature(tmp_path: Path) -> None
 
 
 def test_umbrella_windows() -> None:
-    c = md.umbrella_windows(10.0)
+    c = umbrella.umbrella_windows(10.0)
     assert len(c) == 36 and c[0] == pytest.approx(-math.pi) and c.max() < math.pi
     np.testing.assert_allclose(np.diff(c), math.radians(10.0))
-    skipped = md.umbrella_windows(10.0, ((115.0, 135.0),))
+    skipped = umbrella.umbrella_windows(10.0, ((115.0, 135.0),))
     assert len(skipped) == 34 and not np.any((np.degrees(skipped) > 114) & (np.degrees(skipped) < 136))
     # Derived from the spring: spacing at most 1.5 window widths, and the circle is tiled evenly.
-    auto = md.umbrella_windows(k_kJ_per_mol_rad2=200.0, temperature_K=300.0)
+    auto = umbrella.umbrella_windows(k_kJ_per_mol_rad2=200.0, temperature_K=300.0)
     sigma = math.sqrt(md.kT_kJ_per_mol(300.0) / 200.0)
     spacing = np.diff(auto)
     assert spacing.max() <= 1.5 * sigma + 1e-12 and np.allclose(spacing, spacing[0])
@@ -282,13 +282,13 @@ def test_umbrella_windows() -> None:
 def test_umbrella_mbar_matches_quadrature(tmp_path: Path) -> None:
     system, top, pos = make_chain()
     k = 20.0
-    res = md.run_umbrella(
+    res = umbrella.run_umbrella(
         system, top, pos, dihedral_atoms=CHAIN, psi_atoms=(3, 2, 1, 0), k_kJ_per_mol_rad2=k,
         steps_per_window=30_000, equilibration_steps=200, report_every=20, temperature_K=300.0,
         timestep_fs=4.0, friction_per_ps=5.0, seed=2, out_dir=tmp_path, state_b=state_b, progress=False,
     )
     n_windows = len(res.centers_rad)
-    assert n_windows == len(md.umbrella_windows(k_kJ_per_mol_rad2=k, temperature_K=300.0))
+    assert n_windows == len(umbrella.umbrella_windows(k_kJ_per_mol_rad2=k, temperature_K=300.0))
     assert res.energy_evaluations == n_windows * 30_200
     assert all(len(p) == 1500 for p in res.phi_per_window)
     # psi recorded on the reversed chain is the same torsion.
@@ -317,7 +317,7 @@ def test_umbrella_mbar_matches_quadrature(tmp_path: Path) -> None:
     # The bias stored during each window is the periodic harmonic bias of that window.
     for i in (0, n_windows // 2):
         win = md.load_md(res.window_h5[i])
-        expected = md.umbrella_bias_kJ_mol(win.dihedrals_rad["phi"], res.centers_rad[i : i + 1], k)[0]
+        expected = umbrella.umbrella_bias_kJ_mol(win.dihedrals_rad["phi"], res.centers_rad[i : i + 1], k)[0]
         np.testing.assert_allclose(win.bias_energy_kJ_mol, expected, rtol=1e-4, atol=1e-4)
 
     summary = json.loads((tmp_path / "umbrella.json").read_text())
@@ -327,20 +327,20 @@ def test_umbrella_mbar_matches_quadrature(tmp_path: Path) -> None:
 def test_umbrella_resume_reuses_finished_windows(tmp_path: Path) -> None:
     system, top, pos = make_chain()
     kw = dict(
-        dihedral_atoms=CHAIN, k_kJ_per_mol_rad2=50.0, centers_rad=md.umbrella_windows(60.0),
+        dihedral_atoms=CHAIN, k_kJ_per_mol_rad2=50.0, centers_rad=umbrella.umbrella_windows(60.0),
         steps_per_window=1000, equilibration_steps=100, report_every=10, temperature_K=300.0,
         timestep_fs=4.0, friction_per_ps=5.0, seed=7, out_dir=tmp_path, state_b=state_b, progress=False,
         subsample=False,
     )
-    first = md.run_umbrella(system, top, pos, **kw)
+    first = umbrella.run_umbrella(system, top, pos, **kw)
     mtimes = [p.stat().st_mtime_ns for p in first.window_h5]
-    second = md.run_umbrella(system, top, pos, **kw)
+    second = umbrella.run_umbrella(system, top, pos, **kw)
     assert [p.stat().st_mtime_ns for p in second.window_h5] == mtimes
     assert second.delta_f_kT == first.delta_f_kT
     for a, b in zip(first.phi_per_window, second.phi_per_window):
         np.testing.assert_array_equal(a, b)
     # A longer run in the same folder extends every window: old frames kept, new ones appended.
-    longer = md.run_umbrella(system, top, pos, **{**kw, "steps_per_window": 2000})
+    longer = umbrella.run_umbrella(system, top, pos, **{**kw, "steps_per_window": 2000})
     for a, b in zip(first.phi_per_window, longer.phi_per_window):
         assert len(b) == 200
         np.testing.assert_array_equal(b[:100], a)
@@ -365,7 +365,7 @@ def test_flattening_bias_table_is_periodic_finite_and_capped() -> None:
     f = 30.0 * (1.0 + np.cos(centers)) / 2.0 + 3.0  # 3..33 kT, max at phi = 0
     f[10] = np.inf  # an empty bin
     f[20] = np.nan
-    bias = md.flattening_bias(centers, f, kT_kJ_per_mol=kT, f_cap_kT=18.0)
+    bias = umbrella.flattening_bias(centers, f, kT_kJ_per_mol=kT, f_cap_kT=18.0)
     v = bias.energy_kJ_mol
     assert bias.grid_rad[0] == -math.pi and bias.grid_rad[-1] == math.pi
     assert np.all(np.isfinite(v)) and v[0] == v[-1]
@@ -384,7 +384,7 @@ def test_flattening_bias_table_is_periodic_finite_and_capped() -> None:
     sys_bias = openmm.System()
     for _ in range(4):
         sys_bias.addParticle(12.0)
-    sys_bias.addForce(md.flattening_bias_force(CHAIN, bias))
+    sys_bias.addForce(umbrella.flattening_bias_force(CHAIN, bias))
     ctx = openmm.Context(sys_bias, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     rng = np.random.default_rng(0)
     xyz = rng.normal(size=(40, 4, 3))
@@ -400,7 +400,7 @@ def test_flattened_reweighting_sign_and_transitions() -> None:
     """iid samples from the biased (flat) ensemble: exp(+V/kT) recovers the exact ΔF, exp(-V/kT) does not."""
     kT = md.kT_kJ_per_mol(300.0)
     centers = np.radians(np.arange(-177.5, 180.0, 5.0))
-    bias = md.flattening_bias(centers, exact_profile_kT(centers), kT_kJ_per_mol=kT, f_cap_kT=50.0)
+    bias = umbrella.flattening_bias(centers, exact_profile_kT(centers), kT_kJ_per_mol=kT, f_cap_kT=50.0)
     # F + V is flat up to the spline error, so the biased ensemble is ~uniform on the circle:
     # draw uniform samples and correct the small residual with rejection sampling.
     rng = np.random.default_rng(1)
@@ -408,14 +408,14 @@ def test_flattened_reweighting_sign_and_transitions() -> None:
     log_resid = -(v_torsion(phi) + bias.energy_at(phi)) / kT
     phi = phi[np.log(rng.uniform(size=phi.size)) < log_resid - log_resid.max()][:200_000]
     phi = phi.reshape(2, -1)
-    est = md.analyze_flattened_umbrella(
+    est = umbrella.analyze_flattened_umbrella(
         phi, bias.energy_at(phi), temperature_K=300.0, state_b=state_b, bias=bias, n_blocks=10
     )
     exact = exact_delta_f(300.0)
     assert abs(est.delta_f_kT - exact) < max(4 * est.stderr_kT, 0.03), (est.delta_f_kT, est.stderr_kT, exact)
     assert len(est.repeat_delta_f_kT) == 2 and est.n_samples == phi.size
     assert all(t > 1000 for t in est.transitions)  # iid samples hop between cores all the time
-    wrong = md.analyze_flattened_umbrella(
+    wrong = umbrella.analyze_flattened_umbrella(
         phi, -bias.energy_at(phi), temperature_K=300.0, state_b=state_b, bias=bias, n_blocks=10
     )
     assert abs(wrong.delta_f_kT - exact) > 1.0
@@ -427,7 +427,7 @@ def test_flattened_reweighting_sign_and_transitions() -> None:
 
     # Transition counting: cores only, recrossings of the boundary do not count.
     labels = np.array([0, 0, -1, 0, -1, 1, 1, -1, 1, -1, 0, 0])
-    assert md._count_transitions(labels) == 2
+    assert umbrella._count_transitions(labels) == 2
 
 
 def test_flattened_umbrella_matches_quadrature_and_resumes(tmp_path: Path) -> None:
@@ -439,7 +439,7 @@ def test_flattened_umbrella_matches_quadrature_and_resumes(tmp_path: Path) -> No
         production_steps=100_000, production_equilibration_steps=1_000, n_repeats=2, report_every=50,
         timestep_fs=4.0, friction_per_ps=5.0, progress=False, parallel=True,
     )
-    res = md.run_flattened_umbrella(system, top, pos, **kw)
+    res = umbrella.run_flattened_umbrella(system, top, pos, **kw)
     exact = exact_delta_f(300.0)
     err = res.delta_f_kT - exact
     assert 0.0 < res.stderr_kT < 0.1
@@ -469,6 +469,6 @@ def test_flattened_umbrella_matches_quadrature_and_resumes(tmp_path: Path) -> No
 
     # Second call: every file is reused, the result is identical.
     mtimes = [p.stat().st_mtime_ns for p in (*res.production_h5, *res.stage1_h5)]
-    again = md.run_flattened_umbrella(system, top, pos, **{**kw, "parallel": False})
+    again = umbrella.run_flattened_umbrella(system, top, pos, **{**kw, "parallel": False})
     assert [p.stat().st_mtime_ns for p in (*again.production_h5, *again.stage1_h5)] == mtimes
     assert again.delta_f_kT == res.delta_f_kT and again.stderr_kT == res.stderr_kT
