@@ -102,6 +102,11 @@ def _wrap_half_open(phi: Tensor) -> Tensor:
     return torch.where(phi >= math.pi, phi - 2 * math.pi, phi)
 
 
+def _wrap(phi: Tensor) -> Tensor:
+    """Any angle onto [-pi, pi)."""
+    return _wrap_half_open(torch.remainder(phi + math.pi, 2 * math.pi) - math.pi)
+
+
 def _nerf(xj: Tensor, xk: Tensor, xl: Tensor, r: Tensor, theta: Tensor, phi: Tensor) -> Tensor:
     """Places atoms i with |i-j| = r, angle(i,j,k) = theta, dihedral(i,j,k,l) = phi.
 
@@ -285,6 +290,7 @@ def build_zmatrix(
     *,
     heavy: Sequence[bool] | np.ndarray | None = None,
     root: int | None = None,
+    sibling_torsions: bool = True,
 ) -> np.ndarray:
     """A Z-matrix derived from the bond graph of one connected molecule.
 
@@ -296,6 +302,8 @@ def build_zmatrix(
         heavy: optional boolean mask ``[N]`` of heavy (non-hydrogen) atoms; without it, atoms with
             more than one bond are treated as heavy. ``zmatrix_from_topology`` fills it from elements.
         root: the first atom; by default a heavy atom at one end of the longest heavy-atom path.
+        sibling_torsions: take the torsion of an atom against an earlier sibling (same bond and
+            angle references) when there is one (see :func:`_use_sibling_torsions`).
 
     Returns:
         int64 array ``[N, 4]`` of rows ``(atom, bond_ref, angle_ref, torsion_ref)``, ``-1`` for the
@@ -329,8 +337,29 @@ def build_zmatrix(
         elif row >= 3:
             zmat[row, 1:] = _choose_refs(i, adj, parent, placed, heavy_mask)
         placed.add(i)
+    if sibling_torsions:
+        _use_sibling_torsions(zmat)
     validate_zmatrix(zmat, n_atoms)
     return zmat
+
+
+def _use_sibling_torsions(zmat: np.ndarray) -> None:
+    """Rewrite in place the torsion reference of every atom that shares its bond and angle references
+    with an earlier atom (a sibling): the torsion is then taken against that sibling.
+
+    Siblings such as the three hydrogens of a methyl group, or CB and C on an alpha carbon, would
+    otherwise each carry a torsion about the same bond, the same rotation up to a ~120° offset: three
+    tightly coupled circular variables that a flow must learn. Against the first sibling, the later
+    ones become near-constant improper-like torsions (about ±120°), and only the first one rotates.
+    """
+    first_sibling: dict[tuple[int, int], int] = {}
+    for row in range(3, zmat.shape[0]):
+        atom, bond_ref, angle_ref, _ = (int(v) for v in zmat[row])
+        key = (bond_ref, angle_ref)
+        if key in first_sibling:
+            zmat[row, 3] = first_sibling[key]
+        else:
+            first_sibling[key] = atom
 
 
 def build_mixed_zmatrix(
@@ -427,7 +456,7 @@ def validate_mixed_zmatrix(zmatrix: Any, n_atoms: int, cartesian_atoms: Sequence
     return zmat
 
 
-def zmatrix_from_topology(topology: Any, heavy_first: bool = True) -> np.ndarray:
+def zmatrix_from_topology(topology: Any, heavy_first: bool = True, sibling_torsions: bool = True) -> np.ndarray:
     """``build_zmatrix`` for an mdtraj or OpenMM topology, with hydrogens identified by element."""
     atoms = list(_iter(topology, "atoms"))
     bonds = [(_index(a), _index(b)) for a, b in _iter(topology, "bonds")]
@@ -436,7 +465,7 @@ def zmatrix_from_topology(topology: Any, heavy_first: bool = True) -> np.ndarray
         element = a.element
         symbol = getattr(element, "symbol", None) if element is not None else None
         heavy[_index(a)] = symbol not in ("H", "D")
-    return build_zmatrix(bonds, len(atoms), heavy_first, heavy=heavy)
+    return build_zmatrix(bonds, len(atoms), heavy_first, heavy=heavy, sibling_torsions=sibling_torsions)
 
 
 def _iter(obj: Any, name: str) -> Any:
@@ -554,8 +583,8 @@ class InternalCoordinates(Bijection):
     Latent layout: ``[bonds (N-1) | angles (N-2) | torsions (N-3)]``, entry ``m`` of each block
     belonging to Z-matrix row ``m+1``, ``m+2`` and ``m+3`` respectively. Bonds in nm, angles and
     torsions in rad. With standardization, the latent bond and angle entries are
-    ``(value - mean) / std`` so that a flow sees roughly N(0, 1); torsions stay raw in [-pi, pi)
-    (``circular_mask``) for circular splines and a uniform prior.
+    ``(value - mean) / std`` so that a flow sees roughly N(0, 1); torsions are only rotated by an
+    offset and stay in [-pi, pi) (``circular_mask``) for circular splines and a uniform prior.
 
     ``forward`` builds the canonical frame: the first Z-matrix atom at the origin, the second on
     the +x axis, the third in the xy-plane with y > 0 (for a positive bond and an angle in
@@ -575,7 +604,8 @@ class InternalCoordinates(Bijection):
         std: Tensor | None = None,
     ) -> None:
         """``zmatrix``: ``[N, 4]`` table (validated), N >= 3. ``mean``/``std``: optional ``[3N-6]``
-        standardization statistics; torsion entries are ignored (treated as mean 0, std 1)."""
+        standardization statistics; torsion entries of ``mean`` are offsets (circular means, wrapped
+        into [-pi, pi)), their ``std`` is ignored (1): latent torsion = wrap(torsion - offset)."""
         super().__init__()
         zmat = np.asarray(zmatrix)
         n_atoms = int(zmat.shape[0]) if zmat.ndim == 2 else -1
@@ -595,7 +625,10 @@ class InternalCoordinates(Bijection):
             mean = torch.as_tensor(mean).clone()
             std = torch.as_tensor(std).clone()
             if mean.shape == (self.dim_internal,) and std.shape == (self.dim_internal,):
-                mean[mask] = 0.0
+                # Torsions are only rotated (by their circular mean, which ``fit`` supplies), never
+                # scaled: a rotation keeps them on the circle and puts a narrow peak such as an
+                # improper's or omega's at 0, away from the spline's seam at ±pi.
+                mean[mask] = _wrap(mean[mask])
                 std[mask] = 1.0
         self.standardization = _Standardization(self.dim_internal, mean, std)
 
@@ -673,6 +706,7 @@ class InternalCoordinates(Bijection):
         ic = self.internal(x)
         bonds, angles, _ = self.split(ic)
         z, logdet = self.standardization.to_latent(ic)
+        z = torch.where(self.circular_mask, _wrap(z), z)
         return z, logdet - self._log_volume(bonds, angles)
 
 
@@ -681,7 +715,7 @@ def fit_internal_coordinates(zmatrix: Any, x_data: Tensor, min_std: float = 1e-5
 
     ``x_data``: MD samples ``[n, 3N]`` (or ``[n, N, 3]``) in nm, n >= 2. Means and standard
     deviations (floored at ``min_std``, nm or rad, so rigid dimensions do not give log 0) are stored
-    as buffers in the dtype of ``x_data``. Torsions are left raw.
+    as buffers in the dtype of ``x_data``. Torsions are rotated by their circular mean, not scaled.
     """
     plain = InternalCoordinates(zmatrix)
     if x_data.shape[0] < 2:
@@ -690,6 +724,8 @@ def fit_internal_coordinates(zmatrix: Any, x_data: Tensor, min_std: float = 1e-5
         ic = plain.internal(x_data)
         mean = ic.mean(dim=0)
         std = ic.std(dim=0).clamp_min(min_std)
+        torsions = plain.circular_mask
+        mean[torsions] = torch.atan2(torch.sin(ic[:, torsions]).mean(0), torch.cos(ic[:, torsions]).mean(0))
     return InternalCoordinates(plain.zmatrix.cpu().numpy(), mean=mean, std=std).to(x_data.device)
 
 

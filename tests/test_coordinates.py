@@ -82,6 +82,15 @@ def kabsch_rmsd(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ((a @ rot - b) ** 2).sum(-1).mean(-1).sqrt()
 
 
+def torsion_refs_heavy_or_sibling(zmat: np.ndarray, heavy: np.ndarray) -> bool:
+    """Bond and angle references are heavy; a torsion reference is heavy, or an earlier sibling
+    (an atom with the same bond and angle references)."""
+    if not heavy[zmat[1:, 1]].all() or not heavy[zmat[2:, 2]].all():
+        return False
+    refs_of = {int(r[0]): (int(r[1]), int(r[2])) for r in zmat}
+    return all(heavy[t] or refs_of[int(t)] == (int(b), int(a)) for _, b, a, t in zmat[3:])
+
+
 def zmatrix_bonded_references(zmat: np.ndarray, bonds) -> bool:
     """Every bond reference is a graph neighbour of its atom."""
     bondset = {frozenset(b) for b in bonds}
@@ -115,8 +124,22 @@ def test_build_zmatrix_heavy_first_prefers_heavy_references():
     heavy = set(range(5))
     rows_heavy = [int(a) in heavy for a in zmat[:, 0]]
     assert rows_heavy == sorted(rows_heavy, reverse=True), "heavy atoms must come before hydrogens"
-    refs = zmat[:, 1:][zmat[:, 1:] >= 0]
-    assert set(refs.tolist()) <= heavy
+    assert torsion_refs_heavy_or_sibling(zmat, np.isin(np.arange(17), list(heavy)))
+
+
+def test_sibling_torsions_are_taken_against_the_first_sibling():
+    zmat = build_zmatrix(NEOPENTANE, 17)
+    first: dict[tuple[int, int], int] = {}
+    n_siblings = 0
+    for atom, bond_ref, angle_ref, torsion_ref in zmat[3:].tolist():
+        if (bond_ref, angle_ref) in first:
+            assert torsion_ref == first[(bond_ref, angle_ref)]
+            n_siblings += 1
+        else:
+            first[(bond_ref, angle_ref)] = atom
+    assert n_siblings >= 8  # each methyl has two later hydrogens
+    plain = build_zmatrix(NEOPENTANE, 17, sibling_torsions=False)
+    assert (plain[:, :3] == zmat[:, :3]).all() and (plain[:, 3] != zmat[:, 3]).any()
 
 
 def test_zmatrix_from_topology_protein(villin):
@@ -126,12 +149,13 @@ def test_zmatrix_from_topology_protein(villin):
     bonds = [(a.index, b.index) for a, b in top.bonds]
     assert zmatrix_bonded_references(zmat, bonds)
     is_h = np.array([a.element.symbol == "H" for a in top.atoms])
-    # All references are heavy atoms, and every heavy atom precedes every hydrogen.
-    refs = zmat[:, 1:][zmat[:, 1:] >= 0]
-    assert not is_h[refs].any()
+    # References are heavy atoms (or a sibling, for torsions); every heavy atom precedes every hydrogen.
+    assert torsion_refs_heavy_or_sibling(zmat, ~is_h)
     order_h = is_h[zmat[:, 0]]
     assert not (order_h[:-1] & ~order_h[1:]).any()
-    # Backbone phi/psi should be explicit torsions (either orientation) for (nearly) all residues.
+    # Without sibling torsions, backbone phi/psi are explicit torsions (either orientation) for
+    # (nearly) all residues.
+    zmat = zmatrix_from_topology(top, sibling_torsions=False)
     md = pytest.importorskip("mdtraj")
     quads = {tuple(q) for q in zmat[3:].tolist()}
     present = lambda q: tuple(q) in quads or tuple(q[::-1]) in quads  # noqa: E731
@@ -322,7 +346,12 @@ def test_fit_standardizes_bonds_and_angles_only():
     torch.testing.assert_close(z[:, ~mask].mean(0), torch.zeros(11, dtype=DT), atol=1e-10, rtol=0)
     torch.testing.assert_close(z[:, ~mask].std(0), torch.ones(11, dtype=DT), atol=1e-10, rtol=0)
     raw = InternalCoordinates(zmat).inverse(data)[0]
-    torch.testing.assert_close(z[:, mask], raw[:, mask])  # torsions untouched
+    # Torsions are rotated by their circular mean, not scaled: the circular mean becomes 0.
+    offset = ic.standardization.loc[mask]
+    wrapped = torch.remainder(raw[:, mask] - offset + math.pi, 2 * math.pi) - math.pi
+    torch.testing.assert_close(z[:, mask], wrapped)
+    mean_angle = torch.atan2(torch.sin(z[:, mask]).mean(0), torch.cos(z[:, mask]).mean(0))
+    torch.testing.assert_close(mean_angle, torch.zeros_like(mean_angle), atol=1e-10, rtol=0)
     assert z[:, mask].min() >= -math.pi and z[:, mask].max() < math.pi
     # Stats are buffers that follow the module's dtype and are saved in the state dict.
     assert "standardization.loc" in ic.state_dict()
