@@ -798,19 +798,11 @@ class FlattenedUmbrellaResult:
     """Output of :func:`run_flattened_umbrella`.
 
     Attributes:
-        delta_f_kT: ``F_B - F_A`` (kT) from all production repeats, reweighted.
-        stderr_kT: block-jackknife standard error over all blocks of all repeats (kT).
-        repeat_delta_f_kT: each repeat's own ΔF (kT); their spread is an independent error check.
-        repeat_stderr_kT: each repeat's own block-jackknife error (kT).
-        repeat_spread_kT: sample standard deviation of ``repeat_delta_f_kT`` (kT).
-        transitions: committed A<->B core-to-core transitions per repeat.
-        p_b: reweighted probability of state B.
-        profile: reweighted production profile along phi (:class:`FreeEnergyProfile`, kT).
+        estimate: the production estimate (:class:`FlattenedEstimate`): ΔF with its block-jackknife
+            error, each repeat's ΔF, transitions, p_B and the reweighted profile along phi.
         stage1_profile: the stage-1 MBAR profile the bias was built from.
         stage1_delta_f_kT, stage1_stderr_kT: the stage-1 MBAR ΔF and its analytic error (kT).
         bias: the :class:`FlatteningBias` applied in production.
-        estimate: the full :class:`FlattenedEstimate`.
-        n_samples: production frames used (all repeats, equilibration dropped).
         energy_evaluations: MD steps of stage 1 (with its equilibration) plus production.
         stage1_energy_evaluations, production_energy_evaluations: the two parts.
         wall_seconds: stage-1 MD + production MD (longest repeat when run in parallel, else the sum)
@@ -819,20 +811,11 @@ class FlattenedUmbrellaResult:
         stage1_h5: the stage-1 window files.
     """
 
-    delta_f_kT: float
-    stderr_kT: float
-    repeat_delta_f_kT: tuple[float, ...]
-    repeat_stderr_kT: tuple[float, ...]
-    repeat_spread_kT: float
-    transitions: tuple[int, ...]
-    p_b: float
-    profile: FreeEnergyProfile
+    estimate: FlattenedEstimate
     stage1_profile: FreeEnergyProfile
     stage1_delta_f_kT: float
     stage1_stderr_kT: float
     bias: FlatteningBias
-    estimate: FlattenedEstimate
-    n_samples: int
     energy_evaluations: int
     stage1_energy_evaluations: int
     production_energy_evaluations: int
@@ -1038,20 +1021,11 @@ def run_flattened_umbrella(
     stage1_evals = int(stage1.energy_evaluations)
     production_evals = int(sum(r.energy_evaluations for r in runs))
     result = FlattenedUmbrellaResult(
-        delta_f_kT=est.delta_f_kT,
-        stderr_kT=est.stderr_kT,
-        repeat_delta_f_kT=est.repeat_delta_f_kT,
-        repeat_stderr_kT=est.repeat_stderr_kT,
-        repeat_spread_kT=est.repeat_spread_kT,
-        transitions=est.transitions,
-        p_b=est.p_b,
-        profile=est.profile,
+        estimate=est,
         stage1_profile=stage1.profile,
         stage1_delta_f_kT=stage1.delta_f_kT,
         stage1_stderr_kT=stage1.stderr_kT,
         bias=bias,
-        estimate=est,
-        n_samples=est.n_samples,
         energy_evaluations=stage1_evals + production_evals,
         stage1_energy_evaluations=stage1_evals,
         production_energy_evaluations=production_evals,

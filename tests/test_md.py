@@ -441,14 +441,14 @@ def test_flattened_umbrella_matches_quadrature_and_resumes(tmp_path: Path) -> No
     )
     res = umbrella.run_flattened_umbrella(system, top, pos, **kw)
     exact = exact_delta_f(300.0)
-    err = res.delta_f_kT - exact
-    assert 0.0 < res.stderr_kT < 0.1
-    assert abs(err) < 4 * res.stderr_kT and abs(err) < 0.15, (res.delta_f_kT, res.stderr_kT, exact)
-    assert len(res.repeat_delta_f_kT) == 2 and all(abs(v - exact) < 0.3 for v in res.repeat_delta_f_kT)
-    assert all(t > 20 for t in res.transitions)
+    err = res.estimate.delta_f_kT - exact
+    assert 0.0 < res.estimate.stderr_kT < 0.1
+    assert abs(err) < 4 * res.estimate.stderr_kT and abs(err) < 0.15, (res.estimate.delta_f_kT, res.estimate.stderr_kT, exact)
+    assert len(res.estimate.repeat_delta_f_kT) == 2 and all(abs(v - exact) < 0.3 for v in res.estimate.repeat_delta_f_kT)
+    assert all(t > 20 for t in res.estimate.transitions)
     assert res.stage1_energy_evaluations == 12 * 4_200
     assert res.energy_evaluations == res.stage1_energy_evaluations + 2 * 100_000
-    assert res.n_samples == 2 * (2_000 - 20)
+    assert res.estimate.n_samples == 2 * (2_000 - 20)
     # The biased runs sample the circle far more evenly than the unbiased density would.
     phi = np.concatenate([md.load_md(p).dihedrals_rad["phi"] for p in res.production_h5])
     hist = np.histogram(phi, bins=12, range=(-math.pi, math.pi))[0]
@@ -460,15 +460,15 @@ def test_flattened_umbrella_matches_quadrature_and_resumes(tmp_path: Path) -> No
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == "flattened_umbrella"
     fe = summary["free_energies"][0]
-    assert (fe["from"], fe["to"]) == ("A", "B") and fe["delta_f_kT"] == pytest.approx(res.delta_f_kT)
-    assert fe["repeats_kT"] == pytest.approx(list(res.repeat_delta_f_kT))
+    assert (fe["from"], fe["to"]) == ("A", "B") and fe["delta_f_kT"] == pytest.approx(res.estimate.delta_f_kT)
+    assert fe["repeats_kT"] == pytest.approx(list(res.estimate.repeat_delta_f_kT))
     assert set(summary["profile"]) >= {"centers_rad", "f_kT", "stderr_kT"}
     assert len(summary["profile"]["centers_rad"]) == len(summary["profile"]["f_kT"]) == 72
     assert summary["energy_evaluations"]["total"] == res.energy_evaluations
-    assert summary["transitions"] == list(res.transitions) and summary["n_samples"] == res.n_samples
+    assert summary["transitions"] == list(res.estimate.transitions) and summary["n_samples"] == res.estimate.n_samples
 
     # Second call: every file is reused, the result is identical.
     mtimes = [p.stat().st_mtime_ns for p in (*res.production_h5, *res.stage1_h5)]
     again = umbrella.run_flattened_umbrella(system, top, pos, **{**kw, "parallel": False})
     assert [p.stat().st_mtime_ns for p in (*again.production_h5, *again.stage1_h5)] == mtimes
-    assert again.delta_f_kT == res.delta_f_kT and again.stderr_kT == res.stderr_kT
+    assert again.estimate.delta_f_kT == res.estimate.delta_f_kT and again.estimate.stderr_kT == res.estimate.stderr_kT
