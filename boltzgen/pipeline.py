@@ -169,6 +169,7 @@ def run_md(config: Config, system: System, out_dir: Path, progress: bool) -> Tra
     spec, md = config.system, config.md
     assert isinstance(spec, OpenMMSystem)
     folder = md_dir(out_dir)
+    helpers: list = []  # runs that cost evaluations but give no training frames (the hot MD)
     if md.data is not None:
         try:
             results = [load_md(md.data)]
@@ -179,7 +180,9 @@ def run_md(config: Config, system: System, out_dir: Path, progress: bool) -> Tra
         results = [_langevin(config, system, system.molecule.positions_nm, md.temperature_K or spec.temperature_K,
                              md.steps, folder / "md.h5", progress)]
         if md.seed_states:
-            results += _seeded_state_runs(config, system, results[0], folder, progress)
+            seeded, hot = _seeded_state_runs(config, system, results[0], folder, progress)
+            results += seeded
+            helpers += [hot] if hot is not None else []
     frames = [r.positions_nm.reshape(r.n_frames, -1).astype(np.float64) for r in results]
     x = np.concatenate(frames)
     bad = ~np.isfinite(x).all(axis=1)
@@ -192,8 +195,8 @@ def run_md(config: Config, system: System, out_dir: Path, progress: bool) -> Tra
     log_w = None if abs(md_T - target_T) < 1e-9 else -(u_target - u_target * target_T / md_T)
     return TrainingData(
         x=x, u=u_target, source=f"MD {md_T:g} K", n_chains=1, n_plain=len(frames[0]),
-        energy_evaluations=sum(r.energy_evaluations for r in results),
-        wall_seconds=sum(r.wall_seconds for r in results), log_w=log_w,
+        energy_evaluations=sum(r.energy_evaluations for r in results + helpers),
+        wall_seconds=sum(r.wall_seconds for r in results + helpers), log_w=log_w,
         extra={"h5": [str(r.h5) for r in results], "temperature_K": md_T, "steps": [r.steps for r in results]},
     )
 
@@ -212,15 +215,18 @@ def _langevin(config: Config, system: System, start_nm: np.ndarray, temperature_
     )
 
 
-def _seeded_state_runs(config: Config, system: System, plain, folder: Path, progress: bool) -> list:
-    """MD started in each configured state that the plain run never visited (see MDConfig)."""
+def _seeded_state_runs(config: Config, system: System, plain, folder: Path, progress: bool) -> tuple[list, Any]:
+    """MD started in each configured state that the plain run never visited (see MDConfig).
+
+    Returns the seeded runs and the hot MD that found the seeds (``None`` when no state was missed).
+    """
     from boltzgen.energies.openmm import minimize_positions
 
     md = config.md
     visited = state_masks(config, system.cvs(plain.positions_nm.reshape(plain.n_frames, -1)))
     missing = [name for name, mask in visited.items() if not mask.any()]
     if not missing:
-        return []
+        return [], None
     hot = _langevin(config, system, system.molecule.positions_nm, md.hot_temperature_K, md.hot_steps,
                     folder / "hot.h5", progress, seed_offset=1)
     hot_masks = state_masks(config, system.cvs(hot.positions_nm.reshape(hot.n_frames, -1)))
@@ -234,7 +240,7 @@ def _seeded_state_runs(config: Config, system: System, plain, folder: Path, prog
         start = minimize_positions(system.molecule, hot.positions_nm[best].astype(np.float64))
         runs.append(_langevin(config, system, start, md.temperature_K or system.molecule.temperature_K,
                               md.seeded_steps or md.steps, folder / f"seeded_{name}.h5", progress, seed_offset=k))
-    return runs
+    return runs, hot
 
 
 def training_data(config: Config, system: System, out_dir: Path, progress: bool) -> TrainingData:

@@ -338,3 +338,72 @@ def test_float32_run_keeps_the_energy_in_float64(tmp_path, monkeypatch):
     for name, value in reference.items():
         assert captured[name].dtype == torch.float64
         assert torch.equal(captured[name], value), (name, captured[name], value)
+
+
+# --- molecules -----------------------------------------------------------------------------------
+
+ALANINE = Path(__file__).resolve().parents[1] / "systems" / "alanine.yaml"
+TINY_MOLECULE = [
+    "--set", "md.steps=2000", "--set", "md.report_every=20", "--set", "md.seed_states=false",
+    "--set", "flow.blocks=2", "--set", "flow.hidden=[16]",
+    "--set", "training[0].steps=6", "--set", "training[1].steps=4", "--set", "training[0].batch=32",
+    "--set", "training[1].batch=32", "--set", "log_every=2", "--set", "checkpoint_every=5",
+    "--set", "sampling.n=300", "--set", "sampling.batch=128",
+]
+
+
+@pytest.fixture(scope="module")
+def alanine_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("alanine")
+    assert cli.main(["train", str(ALANINE), "--out", str(out), "--no-progress", *TINY_MOLECULE]) == 0
+    return out
+
+
+def test_molecular_train_writes_mdtraj_readable_files(alanine_run):
+    import mdtraj
+
+    for name in ("samples.h5", "md/md.h5"):
+        traj = mdtraj.load(str(alanine_run / name))
+        assert traj.n_atoms == 22 and traj.topology.n_residues == 3
+    assert mdtraj.load(str(alanine_run / "samples.h5")).n_frames == 300
+    assert mdtraj.load(str(alanine_run / "md/md.h5")).n_frames == 100
+    for plot in ("ramachandran.png", "phi_profile.png", "energy_histogram.png", "training.png"):
+        assert (alanine_run / "plots" / plot).stat().st_size > 0
+
+
+def test_molecular_summary_counts_chirality_and_reports_md(alanine_run):
+    summary = json.loads((alanine_run / "summary.json").read_text())
+    assert summary["n_samples"] == 300
+    assert 0 <= summary["n_wrong_chirality"] <= 300
+    # rejected wrong-chirality samples are weight 0, so they are among the non-finite weights
+    assert summary["n_nonfinite"] >= summary["n_wrong_chirality"]
+    row = summary["baseline"]["free_energies"][0]
+    assert (row["from"], row["to"]) == ("A", "B")
+    # 2000 steps of MD at 300 K cannot enter the C7ax basin: the baseline must say B is empty
+    assert row.get("empty_state") == "B" and math.isinf(row["delta_f_kT"])
+    assert summary["baseline"]["energy_evaluations"] == 2000
+
+
+def test_md_command_reuses_the_cached_trajectory(alanine_run, capsys):
+    before = (alanine_run / "md" / "md.h5").stat().st_mtime_ns
+    assert cli.main(["md", str(ALANINE), "--out", str(alanine_run), "--no-progress", *TINY_MOLECULE]) == 0
+    assert (alanine_run / "md" / "md.h5").stat().st_mtime_ns == before
+    summary = json.loads((alanine_run / "md" / "summary.json").read_text())
+    assert summary["method"] == "md" and summary["ess"] == pytest.approx(1.0) and summary["n_samples"] == 100
+    assert "run directory" in capsys.readouterr().out
+
+
+def test_check_energy_command_passes_on_alanine(capsys):
+    assert cli.main(["check-energy", str(ALANINE), "--n", "3"]) == 0
+    assert "PASSED" in capsys.readouterr().out
+
+
+def test_untemplated_residue_is_one_line(tmp_path, capsys):
+    pdb = (ALANINE.parent / "alanine-dipeptide.pdb").read_text().replace("ALA", "ALX")
+    (tmp_path / "bad.pdb").write_text(pdb)
+    config = yaml.safe_load(ALANINE.read_text())
+    config["system"]["pdb"] = str(tmp_path / "bad.pdb")
+    (tmp_path / "bad.yaml").write_text(yaml.safe_dump(config))
+    assert cli.main(["check-energy", str(tmp_path / "bad.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "ALX" in err and "bad.pdb" in err
