@@ -1,4 +1,5 @@
 import json
+import os
 
 import h5py
 import mdtraj
@@ -20,6 +21,9 @@ def test_atomic_path_keeps_old_file_when_writing_fails(tmp_path):
             raise RuntimeError("crash")
     assert json.loads(target.read_text()) == {"ess": 0.5}
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+    umask = os.umask(0)
+    os.umask(umask)
+    assert target.stat().st_mode & 0o777 == 0o666 & ~umask  # not mkstemp's private 0600
 
 
 def test_sample_writer_roundtrip_without_topology(tmp_path):
