@@ -115,14 +115,18 @@ class TrainingData:
     wall_seconds: float
     log_w: np.ndarray | None = None
     n_plain: int | None = None
+    plain_cost: tuple[int, float] | None = None  # (energy evaluations, wall seconds) of the plain run
     extra: dict[str, Any] = field(default_factory=dict)
 
     def plain(self) -> "TrainingData":
-        """The frames of the plain (unseeded) baseline run, which alone give unbiased estimates."""
-        n = len(self.x) if self.n_plain is None else self.n_plain
+        """The frames and cost of the plain (unseeded) baseline run, which alone give unbiased estimates."""
+        if self.n_plain is None or self.plain_cost is None:
+            return self
+        n = self.n_plain
         log_w = None if self.log_w is None else self.log_w[:n]
-        return TrainingData(self.x[:n], self.u[:n], self.source, self.n_chains, self.energy_evaluations,
-                            self.wall_seconds, log_w, n, self.extra)
+        evaluations, wall = self.plain_cost
+        return TrainingData(self.x[:n], self.u[:n], self.source, self.n_chains, evaluations, wall, log_w, n,
+                            self.plain_cost, self.extra)
 
 
 def run_baseline_mala(config: Config, energy: Energy, progress: bool) -> TrainingData:
@@ -195,6 +199,7 @@ def run_md(config: Config, system: System, out_dir: Path, progress: bool) -> Tra
     log_w = None if abs(md_T - target_T) < 1e-9 else -(u_target - u_target * target_T / md_T)
     return TrainingData(
         x=x, u=u_target, source=f"MD {md_T:g} K", n_chains=1, n_plain=len(frames[0]),
+        plain_cost=(results[0].energy_evaluations, results[0].wall_seconds),
         energy_evaluations=sum(r.energy_evaluations for r in results + helpers),
         wall_seconds=sum(r.wall_seconds for r in results + helpers), log_w=log_w,
         extra={"h5": [str(r.h5) for r in results], "temperature_K": md_T, "steps": [r.steps for r in results]},
@@ -496,10 +501,13 @@ def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool 
     if system.molecule is not None:
         summary["n_wrong_chirality"] = samples.n_wrong_chirality
         summary["chirality_rejected"] = config.coordinates.reject_wrong_chirality
+    plain = data.plain()
     summary["baseline"] = {
-        "source": data.source, "n_samples": int(data.x.shape[0]), "energy_evaluations": data.energy_evaluations,
-        "wall_seconds": data.wall_seconds, "free_energies": data_free_energies(config, system, data),
-        "n_plain_samples": int(len(data.plain().x)), **data.extra,
+        "source": data.source, "n_samples": int(plain.x.shape[0]), "energy_evaluations": plain.energy_evaluations,
+        "wall_seconds": plain.wall_seconds, "free_energies": data_free_energies(config, system, data),
+        "training_data": {"n_samples": int(data.x.shape[0]), "energy_evaluations": data.energy_evaluations,
+                          "wall_seconds": data.wall_seconds},
+        **data.extra,
     }
     reference = umbrella_reference(out_dir)
     if reference is not None:
@@ -553,7 +561,7 @@ def make_plots(out_dir: Path, system: System, data: TrainingData, samples: Sampl
         profiles.append((name, 0.5 * (edges[1:] + edges[:-1]), f, np.asarray(fes.stderr_kT)))
     if umbrella is not None and "profile" in umbrella:
         prof = umbrella["profile"]
-        profiles.append(("umbrella sampling + MBAR", np.asarray(prof["centers_rad"]), np.asarray(prof["f_kT"], dtype=float),
+        profiles.append(("umbrella sampling (flattening bias)", np.asarray(prof["centers_rad"]), np.asarray(prof["f_kT"], dtype=float),
                          np.asarray(prof["stderr_kT"], dtype=float)))
     plots.free_energy_profiles(profiles, plots_dir / "phi_profile.png")
 

@@ -340,7 +340,7 @@ def compare_job(run_dir: Path, md_dir: Path | None = None) -> dict[str, Any]:
     umbrella = _read_json(run_dir / "umbrella" / "summary.json") or (train or {}).get("umbrella")
     if umbrella is not None:
         evaluations = umbrella.get("energy_evaluations") or {}
-        row = _row("umbrella sampling + MBAR", str(run_dir / "umbrella" / "summary.json"), umbrella.get("free_energies", []),
+        row = _row("umbrella sampling (flattening bias)", str(run_dir / "umbrella" / "summary.json"), umbrella.get("free_energies", []),
                    ess=None, energy_evaluations=evaluations.get("total") if isinstance(evaluations, dict) else evaluations,
                    wall_seconds=umbrella.get("wall_seconds"))
         profile = umbrella.get("profile")
@@ -348,7 +348,7 @@ def compare_job(run_dir: Path, md_dir: Path | None = None) -> dict[str, Any]:
             f_u, centers = _profile_on_grid(profile, grid)
             row.update(grid.scores(f_u, None))
             err = np.asarray(profile.get("stderr_kT", [np.nan] * len(centers)), dtype=float)
-            curves.append(("umbrella sampling + MBAR", np.asarray(profile["centers_rad"], dtype=float),
+            curves.append(("umbrella sampling (flattening bias)", np.asarray(profile["centers_rad"], dtype=float),
                            np.asarray(profile["f_kT"], dtype=float), err))
         rows.append(row)
 

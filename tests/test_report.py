@@ -77,11 +77,11 @@ def test_compare_prefers_sample_summary_and_reads_umbrella(run_dir, tmp_path, ca
     (run / "umbrella" / "summary.json").write_text(json.dumps(UMBRELLA))
     assert cli.main(["compare", str(run)]) == 0
     out = capsys.readouterr().out
-    assert "| umbrella sampling + MBAR | +3.300 ± 0.200 |" in out
+    assert "| umbrella sampling (flattening bias) | +3.300 ± 0.200 |" in out
     methods = {row["method"]: row for row in json.loads((run / "compare.json").read_text())["methods"]}
     assert methods["importance sampling (flow)"]["n_samples"] == 3000
     assert methods["importance sampling (flow)"]["source"].endswith("sample_summary.json")
-    umbrella = methods["umbrella sampling + MBAR"]
+    umbrella = methods["umbrella sampling (flattening bias)"]
     assert umbrella["delta_f_kT"] == 3.3
     assert umbrella["cost_to_0.1kT"]["energy_evaluations"] == pytest.approx(1_000_000 * 4.0)
 
