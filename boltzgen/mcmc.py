@@ -412,13 +412,20 @@ class _LatentMove(_AdaptiveMove):
 
     @staticmethod
     def _bad(state: ChainState) -> Tensor:
-        """Chains whose latent log density or gradient is not finite, ``[n_chains]`` bool."""
-        return ~(torch.isfinite(state.log_pi_z) & torch.isfinite(state.grad_z).all(-1))
+        """Chains whose latent log density is not finite, ``[n_chains]`` bool."""
+        return ~torch.isfinite(state.log_pi_z)
 
     @staticmethod
     def _safe_grad(grad: Tensor, bad: Tensor) -> Tensor:
-        # Zeroing the gradient of diverged chains keeps their positions finite; they are rejected anyway.
-        return torch.where(bad.unsqueeze(-1), torch.zeros_like(grad), grad)
+        """The drift: the gradient where it is finite, else 0.
+
+        A non-finite gradient at a point of finite density would otherwise freeze that chain
+        forever. Zero there is a fixed function of the position, so the proposal stays a valid
+        Metropolis-Hastings proposal (and leapfrog stays reversible and volume-preserving). Chains
+        already ``bad`` get 0 too, which keeps their positions finite; they are rejected anyway.
+        """
+        usable = torch.isfinite(grad).all(-1, keepdim=True) & ~bad.unsqueeze(-1)
+        return torch.where(usable, grad, torch.zeros_like(grad))
 
 
 class LatentHMC(_LatentMove):
@@ -451,7 +458,8 @@ class LatentHMC(_LatentMove):
         eps, circular = self._step_size, self._circular
         p = torch.randn_like(current.z)
         kinetic0 = 0.5 * (p.to(_F64) ** 2).sum(-1)
-        bad = self._bad(current)
+        stuck = self._bad(current)  # only a start can have zero density: any valid endpoint is taken
+        bad = torch.zeros_like(stuck)
         grad = self._safe_grad(current.grad_z, bad)
         z = current.z
         p = p + 0.5 * eps * grad
@@ -463,6 +471,7 @@ class LatentHMC(_LatentMove):
             p = p + (eps if i < self.n_leapfrog - 1 else 0.5 * eps) * grad
         kinetic1 = 0.5 * (p.to(_F64) ** 2).sum(-1)
         log_alpha = (proposal.log_pi_z - kinetic1) - (current.log_pi_z - kinetic0)
+        log_alpha = torch.where(stuck, torch.full_like(log_alpha, math.inf), log_alpha)
         log_alpha = torch.where(bad, torch.full_like(log_alpha, -math.inf), log_alpha)
         accept = _accept(log_alpha) & ~bad
         self._record(accept, bad)
@@ -513,15 +522,16 @@ class LatentMALA(_LatentMove):
     def step(self, state: ChainState) -> ChainState:
         current = self._prepare(state)
         eps, circular = self._step_size, self._circular
-        bad0 = self._bad(current)
-        grad0 = self._safe_grad(current.grad_z, bad0)
+        stuck = self._bad(current)  # only a start can have zero density: any valid proposal is taken
+        grad0 = self._safe_grad(current.grad_z, torch.zeros_like(stuck))
         z = current.z + 0.5 * eps**2 * grad0 + eps * torch.randn_like(current.z)
         proposal = self._evaluate(_wrap_circular(z, circular))
-        bad = bad0 | self._bad(proposal)
+        bad = self._bad(proposal)
         grad1 = self._safe_grad(proposal.grad_z, bad)
         log_alpha = _mala_log_alpha(
             current.log_pi_z, grad0, current.z, proposal.log_pi_z, grad1, proposal.z, eps, circular
         )
+        log_alpha = torch.where(stuck, torch.full_like(log_alpha, math.inf), log_alpha)
         log_alpha = torch.where(bad, torch.full_like(log_alpha, -math.inf), log_alpha)
         accept = _accept(log_alpha) & ~bad
         self._record(accept, bad)

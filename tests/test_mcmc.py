@@ -296,6 +296,33 @@ def test_gradient_moves_reject_nonfinite(make_move) -> None:
     assert torch.isfinite(result.u).all() and (result.x.abs() < 2.0).all()
 
 
+class Cusp(Energy):
+    """u = sqrt(|x|) + x^2/2: finite everywhere, with an infinite gradient at x = 0."""
+
+    def __init__(self) -> None:
+        super().__init__(dim=1)
+
+    def reduced_energy(self, x: Tensor) -> Tensor:
+        return (x.abs().sqrt() + 0.5 * x**2).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "make_move",
+    [
+        lambda gen: LatentHMC(gen, step_size=0.3, n_leapfrog=3, adapt=False),
+        lambda gen: LatentMALA(gen, step_size=0.5, adapt=False),
+    ],
+    ids=["hmc", "mala"],
+)
+def test_latent_moves_leave_a_point_with_nonfinite_gradient(make_move) -> None:
+    # Every chain starts exactly on the cusp, where the density is finite but the gradient is not.
+    # Such a chain once stayed there forever; with the zero-drift rule each one moves on.
+    gen = BoltzmannGenerator(Prior(1), Affine([1.0], [0.0]), Cusp())
+    result = run_chains(make_move(gen), torch.zeros(64, 1), n_steps=20, progress=False)
+    moved = (result.x[-1, :, 0] != 0).float().mean()
+    assert moved > 0.9
+
+
 # ------------------------------------------------------------------ (5) adaptation only in warm-up
 
 
