@@ -95,9 +95,9 @@ class BaselineConfig(_Strict):
 class MDConfig(_Strict):
     """Langevin MD with OpenMM. ``temperature_K`` may differ from the target's (reweighting corrects it).
 
-    ``seed_states``: for training data only, also run MD from each configured state that the plain
-    run never visits, seeded with the lowest-energy frame in that state from a short hot MD
-    (``hot_temperature_K``, ``hot_steps``). Those runs sample each basin's local structure at the
+    ``seed_states``: for training data only, also run MD from each configured state that holds
+    less than ``seed_below_fraction`` of the plain run's frames, seeded with the lowest-energy frame
+    in that state from a short hot MD (``hot_temperature_K``, ``hot_steps``). Those runs sample each basin's local structure at the
     run temperature; their relative weights are wrong and are fixed by reverse KL and reweighting,
     so they never enter the MD baseline's estimates.
     """
@@ -111,6 +111,7 @@ class MDConfig(_Strict):
     platform: str = "Reference"
     data: Path | None = None
     seed_states: bool = False
+    seed_below_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     seeded_steps: PositiveInt | None = None
     hot_temperature_K: PositiveFloat = 1000.0
     hot_steps: PositiveInt = 500_000
