@@ -410,6 +410,23 @@ class _LatentMove(_AdaptiveMove):
             grad_z=prepared.grad_z,
         )
 
+    def _accept_or_keep(
+        self, current: ChainState, proposal: ChainState, grad: Tensor, log_alpha: Tensor, stuck: Tensor, bad: Tensor
+    ) -> ChainState:
+        """The Metropolis step shared by the latent moves: a ``stuck`` start (zero density) takes any
+        valid proposal, a ``bad`` proposal (non-finite density) is rejected and counted; the step
+        size adapts (in warm-up) and the accepted chains move, carrying their drift ``grad``."""
+        log_alpha = torch.where(stuck, torch.full_like(log_alpha, math.inf), log_alpha)
+        log_alpha = torch.where(bad, torch.full_like(log_alpha, -math.inf), log_alpha)
+        accept = _accept(log_alpha) & ~bad
+        self._record(accept, bad)
+        self._adapt(log_alpha)
+        moved = ChainState(
+            x=proposal.x.to(current.x), u=proposal.u, z=proposal.z, log_q=proposal.log_q,
+            log_pi_z=proposal.log_pi_z, grad_z=grad,
+        )
+        return _merge(accept, moved, current)
+
     @staticmethod
     def _bad(state: ChainState) -> Tensor:
         """Chains whose latent log density is not finite, ``[n_chains]`` bool."""
@@ -471,20 +488,7 @@ class LatentHMC(_LatentMove):
             p = p + (eps if i < self.n_leapfrog - 1 else 0.5 * eps) * grad
         kinetic1 = 0.5 * (p.to(_F64) ** 2).sum(-1)
         log_alpha = (proposal.log_pi_z - kinetic1) - (current.log_pi_z - kinetic0)
-        log_alpha = torch.where(stuck, torch.full_like(log_alpha, math.inf), log_alpha)
-        log_alpha = torch.where(bad, torch.full_like(log_alpha, -math.inf), log_alpha)
-        accept = _accept(log_alpha) & ~bad
-        self._record(accept, bad)
-        self._adapt(log_alpha)
-        proposal = ChainState(
-            x=proposal.x.to(current.x),
-            u=proposal.u,
-            z=proposal.z,
-            log_q=proposal.log_q,
-            log_pi_z=proposal.log_pi_z,
-            grad_z=grad,
-        )
-        return _merge(accept, proposal, current)
+        return self._accept_or_keep(current, proposal, grad, log_alpha, stuck, bad)
 
 
 def _mala_log_alpha(
@@ -531,20 +535,7 @@ class LatentMALA(_LatentMove):
         log_alpha = _mala_log_alpha(
             current.log_pi_z, grad0, current.z, proposal.log_pi_z, grad1, proposal.z, eps, circular
         )
-        log_alpha = torch.where(stuck, torch.full_like(log_alpha, math.inf), log_alpha)
-        log_alpha = torch.where(bad, torch.full_like(log_alpha, -math.inf), log_alpha)
-        accept = _accept(log_alpha) & ~bad
-        self._record(accept, bad)
-        self._adapt(log_alpha)
-        proposal = ChainState(
-            x=proposal.x.to(current.x),
-            u=proposal.u,
-            z=proposal.z,
-            log_q=proposal.log_q,
-            log_pi_z=proposal.log_pi_z,
-            grad_z=grad1,
-        )
-        return _merge(accept, proposal, current)
+        return self._accept_or_keep(current, proposal, grad1, log_alpha, stuck, bad)
 
 
 class CartesianMALA(_AdaptiveMove):
