@@ -60,13 +60,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_job_commands(sub: Any) -> None:
     """`sample`, `mcmc` and `compare`: jobs on a trained run directory."""
-    from boltzgen.jobs import MOVES, WEIGHTS, WEIGHTS_HELP
+    from boltzgen.jobs import MOVES, TEMPERATURES_HELP, WEIGHTS, WEIGHTS_HELP
 
     sample = sub.add_parser("sample", help="draw N flow samples with importance weights, ESS, k̂, ΔF and FES",
                             description="Streams N flow samples in batches (bounded memory) into RUN_DIR/samples.h5 "
                                         "with log q, u and log w; writes RUN_DIR/sample_summary.json (Kish ESS, ESS "
                                         "per observable, largest normalized weight, Pareto k̂, ΔF with bootstrap "
-                                        "errors, FES along each CV) and plots/sample_fes*.png. Prints a WARNING "
+                                        "errors, FES along each CV, and with --temperatures the free energies at "
+                                        "other temperatures by MBAR) and plots/sample_fes*.png. Prints a WARNING "
                                         "when k̂ > 0.7 (the weighted estimates are then unreliable).")
     sample.add_argument("run_dir", type=Path, help="a run directory written by `boltzgen train`")
     sample.add_argument("--n", type=int, required=True, help="number of samples, e.g. 10000000")
@@ -74,6 +75,7 @@ def _add_job_commands(sub: Any) -> None:
     sample.add_argument("--out", type=Path, help="samples file (default RUN_DIR/samples.h5, which is replaced)")
     sample.add_argument("--weights", choices=WEIGHTS, default="raw", help=WEIGHTS_HELP)
     sample.add_argument("--seed", type=int, help="random seed (default: the run's seed)")
+    sample.add_argument("--temperatures", metavar="T1,T2,...", help=TEMPERATURES_HELP)
     sample.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     mcmc = sub.add_parser("mcmc", help="flow-preconditioned MCMC: independence MH, latent HMC/MALA, IMH + local MALA",
@@ -126,6 +128,14 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
                          f"{row['delta_f_kT']:+.4f} ± {row['stderr_kT']:.4f} kT")
     for row in (summary.get("umbrella") or {}).get("free_energies", []):
         lines.append(f"ΔF {row['from']}→{row['to']} umbrella     {row['delta_f_kT']:+.4f} ± {row['stderr_kT']:.4f} kT")
+    thermodynamic = summary.get("thermodynamic_free_energies", [])
+    if thermodynamic:
+        lines.append(f"f(T) - f(target)  {thermodynamic[0]['method']}, reduced (kT of each T)")
+    for row in thermodynamic:
+        t = f"T = {row['temperature_K']:g} K" if "temperature_K" in row else f"T/T0 = {row['temperature_ratio']:g}"
+        stderr = "n/a" if row["stderr_kT"] is None else f"{row['stderr_kT']:.4f}"
+        n_eff = "n/a" if row["n_eff"] is None else f"{row['n_eff']:,.0f}"
+        lines.append(f"  {t:<15} {row['delta_f_kT']:+.4f} ± {stderr} kT   n_eff {n_eff}")
     evaluations = summary.get("energy_evaluations", {})
     if evaluations:
         parts = ", ".join(f"{key} {value:,}" for key, value in evaluations.items() if key != "total")
@@ -185,10 +195,11 @@ def _cmd_check_energy(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from boltzgen.estimators import KHAT_UNRELIABLE
-    from boltzgen.jobs import sample_job
+    from boltzgen.jobs import parse_temperatures, sample_job
 
+    temperatures = None if args.temperatures is None else parse_temperatures(args.temperatures)
     summary = sample_job(args.run_dir, args.n, batch=args.batch, out=args.out, weights=args.weights, seed=args.seed,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, temperatures=temperatures)
     khat = summary.get("pareto_khat")
     lines = [f"samples file      {summary['samples_file']}  ({summary['n_samples']:,} samples, batch {summary['batch']:,})",
              f"largest weight    {summary['max_normalized_weight']:.3e} (normalized)",

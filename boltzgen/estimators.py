@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import math
 import warnings
 from dataclasses import dataclass
@@ -717,6 +718,27 @@ def integrated_autocorrelation_time(x: ArrayLike, c: float = 5.0) -> float:
     return tau
 
 
+def batch_means_tau(x: ArrayLike) -> float:
+    """Statistical inefficiency from the spread of independent chains' means, in frames.
+
+    ``x``: ``[chains, T]``, ``chains >= 2``. ``tau = T var(chain means) / var(all frames)`` (both
+    with ``ddof=1``): 1 for i.i.d. frames, ``tau_int`` for long chains. Unlike
+    :func:`integrated_autocorrelation_time` it stays finite when some chains never change value,
+    as the indicator of a rare state does in chains that never visit it; such chains then count
+    as about one sample each. Its relative error is about ``sqrt(2 / chains)``. Returns ``inf``
+    when every frame is equal (nothing can be estimated).
+    """
+    xs = _as_chains(x, "x")
+    if xs.shape[0] < 2:
+        raise ValueError("batch means need at least 2 chains")
+    if not np.all(np.isfinite(xs)):
+        raise ValueError("x contains non-finite entries")
+    var = float(np.var(xs, ddof=1))
+    if var == 0:
+        return math.inf
+    return float(xs.shape[1] * np.var(xs.mean(axis=1), ddof=1) / var)
+
+
 # ----------------------------------------------------------------------------- FES
 
 
@@ -869,10 +891,17 @@ def fes_rmse(f1: ArrayLike, f2: ArrayLike, populated_mask: ArrayLike | None = No
 
 
 def _import_pymbar() -> Any:
-    # pymbar prints a banner about JAX on import; keep it out of our output.
-    with contextlib.redirect_stdout(io.StringIO()):
-        import pymbar
-        from pymbar import other_estimators  # noqa: F401
+    # pymbar prints a banner about JAX and a timeseries caveat on import (stdout and warnings
+    # logged without a handler, i.e. to stderr); keep them out of our output.
+    logger = logging.getLogger("pymbar")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            import pymbar
+            from pymbar import other_estimators  # noqa: F401
+    finally:
+        logger.setLevel(level)
     return pymbar
 
 
@@ -946,4 +975,61 @@ def mbar_free_energies(u_kn: ArrayLike, N_k: ArrayLike) -> MBARFreeEnergies:  # 
         delta_f=delta,
         stderr_delta_f=d_delta,
         n_eff=np.asarray(mbar.compute_effective_sample_number(), dtype=np.float64),
+    )
+
+
+def thermodynamic_free_energies_mbar(
+    u_target: ArrayLike, log_q: ArrayLike, temperature_ratios: Sequence[float]
+) -> tuple[FreeEnergy, ...]:
+    """Reduced free energies ``f(T_k) - f(T_0)`` in kT of the target at other temperatures, by MBAR.
+
+    ``u_target`` ``[N]``: reduced energies ``U(x_i) / kT_0`` of flow samples ``x_i ~ q`` at the
+    target temperature ``T_0``; ``log_q`` ``[N]``: the flow log-density of the same samples.
+    ``temperature_ratios`` ``[K]``: ``r_k = T_k / T_0``, positive and finite. ``U`` must not depend
+    on the temperature (analytic potentials, vacuum, OBC implicit solvent), so the reduced
+    potential at ``T_k`` is ``u_target / r_k`` and ``f(T) = -ln ∫ exp(-U(x)/kT) dx``.
+
+    MBAR (:func:`mbar_free_energies`, i.e. ``pymbar.MBAR``) gets one sampled state, the flow
+    itself (reduced potential ``-log q``, ``N_0 = N``), and one unsampled state (``N_k = 0``) per
+    distinct ratio, ``r = 1`` always among them. With a single sampled state MBAR reduces to
+    importance sampling, so the values equal :func:`thermodynamic_delta_f_from_flow`'s; what it
+    adds is pymbar's asymptotic error and every temperature in one solve.
+
+    Returns one :class:`FreeEnergy` per entry of ``temperature_ratios``, in order: ``value =
+    f(T_k) - f(T_0)``, ``stderr`` pymbar's asymptotic error of that difference (0 for ``r_k = 1``),
+    ``n_eff`` the Kish effective number of samples of state ``k``'s weights
+    ``exp(-u_target / r_k - log q)``, ``n_nonfinite`` as below.
+
+    Non-finite values: a sample whose ``u_target`` or ``log_q`` is NaN or ±inf has weight 0 in every
+    state (module rule). It is dropped from the MBAR input (pymbar rejects NaN) and counted in
+    ``n_nonfinite``; dropping weight-0 samples changes neither the differences nor their errors.
+    Raises ``ValueError`` when no sample is finite or a ratio is not positive and finite.
+
+    Memory: ``u_kn`` is ``[K', N]`` float64 (``K'`` = 1 + distinct ratios) and pymbar keeps a few
+    arrays of that size, e.g. ~0.3 GB each for ``N = 10^7`` and ``K' = 4``.
+    """
+    u0, lq = _as_float64(u_target), _as_float64(log_q)
+    if u0.ndim != 1 or u0.shape != lq.shape:
+        raise ValueError(f"u_target {u0.shape} and log_q {lq.shape} must both have shape [N]")
+    ratios = _as_float64(temperature_ratios)
+    if ratios.ndim != 1 or ratios.size == 0 or not np.all(np.isfinite(ratios) & (ratios > 0)):
+        raise ValueError(f"temperature ratios must be a non-empty list of positive numbers, got {ratios.tolist()}")
+    finite = np.isfinite(u0) & np.isfinite(lq)
+    n_bad = int(u0.size - np.count_nonzero(finite))
+    if n_bad == u0.size:
+        raise ValueError(f"none of the {u0.size} samples has a finite u_target and log_q")
+    if n_bad:
+        u0, lq = u0[finite], lq[finite]
+    states, index = np.unique(np.r_[1.0, ratios], return_inverse=True)  # index[0]: the target
+    u_kn = np.empty((1 + states.size, u0.size))
+    u_kn[0] = -lq
+    np.divide(u0[None, :], states[:, None], out=u_kn[1:])
+    n_k = np.zeros(1 + states.size, dtype=np.int64)
+    n_k[0] = u0.size
+    mbar = mbar_free_energies(u_kn, n_k)
+    ref = 1 + int(index[0])
+    return tuple(
+        FreeEnergy(float(mbar.delta_f[ref, 1 + k]), float(mbar.stderr_delta_f[ref, 1 + k]),
+                   float(mbar.n_eff[1 + k]), n_bad)
+        for k in index[1:]
     )

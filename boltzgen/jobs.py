@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ import torch
 
 from boltzgen.energies.analytic import AnalyticEnergy
 from boltzgen.estimators import (
+    batch_means_tau,
     delta_f_blocked,
     ess_per_observable,
     free_energy_surface,
@@ -35,6 +37,7 @@ from boltzgen.estimators import (
     kish_ess,
     max_normalized_weight,
     psis_log_weights,
+    thermodynamic_free_energies_mbar,
     truncated_log_weights,
 )
 from boltzgen.io import SampleWriter, atomic_path, atomic_write_json
@@ -80,6 +83,13 @@ WEIGHTS_HELP = (
     "bounded variance, biased toward the region the flow covers, bias vanishing as N grows. "
     "samples.h5 always stores the raw log w; k̂ is always that of the raw weights."
 )
+TEMPERATURES_HELP = (
+    "comma-separated temperatures, e.g. 290,310: in K for molecules, relative to the target (= 1) for "
+    "analytic systems. Adds the reduced free energies f(T) - f(T_target) in kT, by MBAR (pymbar) on the flow "
+    "samples with the raw weights, to the summary. Assumes an energy that does not depend on T (vacuum, OBC "
+    "implicit solvent, analytic), so u_T = u * T_target / T."
+)
+THERMODYNAMIC_METHOD = "MBAR (pymbar), flow samples"
 
 
 # --- small shared helpers (also used by boltzgen.report) --------------------------------------------
@@ -198,8 +208,44 @@ def select_weights(log_w: np.ndarray, method: str) -> np.ndarray:
     raise RunError(f"--weights: unknown method {method!r}; choose one of {', '.join(WEIGHTS)}")
 
 
+def parse_temperatures(text: str) -> list[float]:
+    """``"290,310"`` -> ``[290.0, 310.0]``; a RunError naming ``--temperatures`` for anything else."""
+    values = []
+    for item in text.split(","):
+        try:
+            values.append(float(item))
+        except ValueError:
+            raise RunError(f"--temperatures: {item.strip()!r} is not a number; give e.g. --temperatures 290,310") from None
+    return values
+
+
+def check_temperatures(temperatures: Sequence[float]) -> list[float]:
+    """The temperatures as floats; a RunError naming ``--temperatures`` unless all are positive and finite."""
+    values = [float(t) for t in temperatures]
+    bad = [t for t in values if not (math.isfinite(t) and t > 0)]
+    if not values or bad:
+        raise RunError(f"--temperatures: every temperature must be a positive number, got {bad[0] if bad else 'none'}")
+    return values
+
+
+def thermodynamic_rows(system: System, samples: SampleSet, temperatures: Sequence[float]) -> list[dict[str, Any]]:
+    """Rows ``{temperature_K | temperature_ratio, delta_f_kT, stderr_kT, n_eff, method}``, one per temperature.
+
+    ``delta_f_kT = f(T) - f(T_target)`` with ``f(T) = -ln Z(T)``, by :func:`thermodynamic_free_energies_mbar`
+    on the raw flow samples. Temperatures are in K for molecules and relative to the target for analytic
+    systems. Samples with weight 0 (non-finite, or rejected for chirality) are left out.
+    """
+    molecule = system.molecule
+    key, target = ("temperature_ratio", 1.0) if molecule is None else ("temperature_K", molecule.temperature_K)
+    u = np.where(np.isfinite(samples.log_w), samples.u, np.nan)  # weight 0 stays 0 at every temperature
+    results = thermodynamic_free_energies_mbar(u, samples.log_q, [t / target for t in temperatures])
+    return [{key: t, "delta_f_kT": r.value, "stderr_kT": r.stderr, "n_eff": r.n_eff, "method": THERMODYNAMIC_METHOD}
+            for t, r in zip(temperatures, results)]
+
+
 def sample_job(run_dir: Path, n: int, batch: int | None = None, out: Path | None = None, weights: str = "raw",
-               seed: int | None = None, progress: bool = True) -> dict[str, Any]:
+               seed: int | None = None, progress: bool = True,
+               temperatures: Sequence[float] | None = None) -> dict[str, Any]:
     """`boltzgen sample`: stream ``n`` flow samples to HDF5 and summarize the importance weights.
 
     Returns the summary that it also writes to ``<run>/sample_summary.json``:
@@ -208,12 +254,15 @@ def sample_job(run_dir: Path, n: int, batch: int | None = None, out: Path | None
     ``weights`` (raw / psis / truncate), ``ess_per_observable`` (fraction of N, per CV and per
     state indicator ``state:NAME``), ``free_energies`` (bootstrap errors), ``fes`` (1-D per CV and
     2-D, arrays ``f_kT`` / ``stderr_kT`` with ``null`` for empty bins), ``energy_evaluations``,
-    ``wall_seconds``, ``samples_file``.
+    ``wall_seconds``, ``samples_file``; with ``temperatures`` also ``thermodynamic_free_energies``
+    (see :func:`thermodynamic_rows`).
     """
     started = time.perf_counter()
     run_dir = _check_run_dir(run_dir)
     if n < 1:
         raise RunError(f"--n must be at least 1, got {n}")
+    if temperatures is not None:
+        temperatures = check_temperatures(temperatures)
     if weights not in WEIGHTS:
         raise RunError(f"--weights: unknown method {weights!r}; choose one of {', '.join(WEIGHTS)}")
     config, _, system, generator = load_run(run_dir)
@@ -247,6 +296,8 @@ def sample_job(run_dir: Path, n: int, batch: int | None = None, out: Path | None
     observables.update({f"state:{state}": mask.astype(np.float64) for state, mask in masks.items()})
     summary["ess_per_observable"] = {key: float(ess_per_observable(log_w, values)) for key, values in observables.items()}
     summary["free_energies"] = sample_free_energies(config, system, used)
+    if temperatures is not None:
+        summary["thermodynamic_free_energies"] = thermodynamic_rows(system, samples, temperatures)
     if system.molecule is not None:
         summary["n_wrong_chirality"] = samples.n_wrong_chirality
         summary["chirality_rejected"] = config.coordinates.reject_wrong_chirality
@@ -354,10 +405,21 @@ def tau_series(system: System, cvs: dict[str, np.ndarray], names: list[str]) -> 
     return series
 
 
-def autocorrelation_times(series: dict[str, np.ndarray]) -> tuple[dict[str, float], list[str]]:
-    """``tau_int`` (in kept frames) of each ``[chains, T]`` series and the names whose chains are < 50 tau long."""
+def autocorrelation_times(series: dict[str, np.ndarray],
+                          batch_means: tuple[str, ...] = ()) -> tuple[dict[str, float], list[str]]:
+    """``tau_int`` (in kept frames) of each ``[chains, T]`` series and the names whose chains are < 50 tau long.
+
+    Series named in ``batch_means`` (state indicators) use :func:`batch_means_tau` when there are
+    several chains: a chain that never leaves a state gives the windowed estimator an infinite tau,
+    though the chains together still estimate the state's population.
+    """
     taus, short = {}, []
     for name, values in series.items():
+        if name in batch_means and values.shape[0] >= 2:
+            taus[name] = batch_means_tau(values)
+            if values.shape[1] < 50 * taus[name]:
+                short.append(name)
+            continue
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             taus[name] = integrated_autocorrelation_time(values)
@@ -381,7 +443,8 @@ def mcmc_job(run_dir: Path, chains: int = 256, steps: int = 1000, warmup: int = 
 
     ``summary.json`` (train schema): ``ess`` (fraction of n_samples implied by the largest
     integrated autocorrelation time over the CVs, u and the state indicators: ``1 / tau_max``; 0 when
-    a chain never decorrelates), ``n_samples``, ``n_nonfinite`` (rejected non-finite proposals),
+    a chain never decorrelates; the indicators' tau comes from the spread of chain means),
+    ``n_samples``, ``n_nonfinite`` (rejected non-finite proposals),
     ``free_energies`` (jackknife over blocks: one block per chain when there are >= 20 chains),
     ``energy_evaluations``, ``wall_seconds``, plus ``acceptance_rate`` (per move), ``step_sizes``
     (frozen), ``tau_int`` (in kept frames; multiply by ``thin`` for steps), ``tau_unreliable`` (series
@@ -443,8 +506,9 @@ def mcmc_job(run_dir: Path, chains: int = 256, steps: int = 1000, warmup: int = 
 
     series = tau_series(system, cvs, names)
     series["u"] = u
-    series.update({f"state:{name}": mask.astype(np.float64) for name, mask in masks.items()})
-    taus, short = autocorrelation_times(series)
+    indicators = {f"state:{name}": mask.astype(np.float64) for name, mask in masks.items()}
+    series.update(indicators)
+    taus, short = autocorrelation_times(series, batch_means=tuple(indicators))
     tau_max = max(taus.values())
     n_samples = chains * n_kept
 

@@ -268,6 +268,65 @@ def test_mbar_three_harmonic_oscillators() -> None:
     assert pair.value == pytest.approx(result.f_k[2]) and 0 < pair.n_eff <= 9000
 
 
+def _wide_gaussian_flow(
+    rng: np.random.Generator, n: int, dim: int = 3, scale: float = 1.25
+) -> tuple[np.ndarray, np.ndarray]:
+    """Flow q = N(0, scale^2 I) and target u_0 = |x|^2 / 2: ``(u_0, log_q)``, both ``[n]``.
+
+    At temperature ratio r the target is N(0, r I), so f(r) - f(1) = -(dim / 2) ln r exactly; the
+    weights are bounded for r <= scale^2.
+    """
+    x = scale * rng.normal(size=(n, dim))
+    r2 = np.sum(x**2, axis=1)
+    log_q = -0.5 * r2 / scale**2 - dim * math.log(scale * math.sqrt(2 * math.pi))
+    return 0.5 * r2, log_q
+
+
+def test_thermodynamic_mbar_gaussian_matches_exact_and_importance_sampling() -> None:
+    dim = 3
+    u0, log_q = _wide_gaussian_flow(_rng(30), 20_000, dim)
+    ratios = [0.8, 1.0, 1.3]
+    results = est.thermodynamic_free_energies_mbar(u0, log_q, ratios)
+    assert len(results) == 3
+    for r, result in zip(ratios, results):
+        exact = -0.5 * dim * math.log(r)
+        if r == 1.0:
+            assert result.value == 0.0 and result.stderr == 0.0
+            continue
+        assert 0 < result.stderr < 0.1
+        assert abs(result.value - exact) < 4 * result.stderr, (r, result, exact)
+        # one sampled state: MBAR is importance sampling, with an asymptotic instead of a bootstrap error
+        same = est.thermodynamic_delta_f_from_flow(u0, u0 / r, log_q, n_bootstrap=400, rng=1)
+        assert result.value == pytest.approx(same.value, rel=1e-9, abs=1e-12)
+        assert result.stderr == pytest.approx(same.stderr, rel=0.25)
+        assert result.n_eff == pytest.approx(est._kish_count(-u0 / r - log_q), rel=1e-6)
+        assert result.n_nonfinite == 0
+
+
+def test_thermodynamic_mbar_drops_and_counts_nonfinite() -> None:
+    u0, log_q = _wide_gaussian_flow(_rng(31), 4000)
+    clean = est.thermodynamic_free_energies_mbar(u0, log_q, [1.2])[0]
+    bad_u, bad_q = u0.copy(), log_q.copy()
+    bad_u[[0, 7]] = [np.nan, -np.inf]
+    bad_q[[3, 9]] = [np.inf, np.nan]
+    keep = np.ones(u0.size, dtype=bool)
+    keep[[0, 3, 7, 9]] = False
+    result = est.thermodynamic_free_energies_mbar(bad_u, bad_q, [1.2])[0]
+    expected = est.thermodynamic_free_energies_mbar(u0[keep], log_q[keep], [1.2])[0]
+    assert result.n_nonfinite == 4 and expected.n_nonfinite == 0
+    assert result.value == pytest.approx(expected.value, rel=1e-12)
+    assert result.stderr == pytest.approx(expected.stderr, rel=1e-9)
+    # excluded, not set to 0: a zero in place of the bad values would shift the estimate
+    zeroed = est.thermodynamic_free_energies_mbar(np.nan_to_num(bad_u, posinf=0, neginf=0),
+                                                  np.nan_to_num(bad_q, posinf=0, neginf=0), [1.2])[0]
+    assert zeroed.value != pytest.approx(result.value, rel=1e-9)
+    assert abs(result.value - clean.value) < clean.stderr
+    with pytest.raises(ValueError, match="positive"):
+        est.thermodynamic_free_energies_mbar(u0, log_q, [1.0, -2.0])
+    with pytest.raises(ValueError, match="finite"):
+        est.thermodynamic_free_energies_mbar(np.full(3, np.nan), np.zeros(3), [1.5])
+
+
 # ----------------------------------------------------------------------------- correlated series
 
 
@@ -392,3 +451,19 @@ def test_fes_rmse_ignores_constant_shift() -> None:
     with pytest.raises(ValueError, match="not finite"):
         est.fes_rmse(f1, f2, np.ones((5, 5), dtype=bool))
     assert np.isfinite(est.fes_rmse(f1, f2))  # default mask: bins finite in both
+
+
+def test_batch_means_tau_matches_ar1_and_survives_chains_that_never_move() -> None:
+    rho = 0.8
+    x = _ar1(_rng(30), rho, chains=1000, t=1000)
+    assert est.batch_means_tau(x) == pytest.approx((1 + rho) / (1 - rho), rel=0.15)
+    assert est.batch_means_tau(_rng(31).normal(size=(1000, 200))) == pytest.approx(1.0, rel=0.15)
+    # A rare-state indicator: most chains never visit the state, yet tau stays finite.
+    rare = np.zeros((100, 50))
+    rare[:10, 20:] = 1.0
+    assert est.integrated_autocorrelation_time(rare) == math.inf
+    tau = est.batch_means_tau(rare)
+    assert math.isfinite(tau) and 1.0 < tau <= 50.0
+    assert est.batch_means_tau(np.ones((3, 10))) == math.inf
+    with pytest.raises(ValueError):
+        est.batch_means_tau(np.zeros((1, 10)))

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from scipy import integrate
 
 from boltzgen import cli, jobs, pipeline
 from boltzgen.config import load_config
@@ -92,6 +93,35 @@ def test_sample_weights_option_and_khat_warning(run_dir, tmp_path, monkeypatch, 
     assert len(warning) == 1 and "0.93" in warning[0]
     summary = json.loads((run_dir / "sample_summary.json").read_text())
     assert summary["weights"] == "psis" and "ess_raw" in summary and summary["weights_reliable"] is False
+
+
+def double_well_ln_z(tau: float) -> float:
+    """ln ∫ exp(-u(x)/tau) dx of the default double well; u = x0^4 - 6 x0^2 + x0 + x1^2/2 factorizes."""
+    z0, _ = integrate.quad(lambda x: math.exp(-(x**4 - 6.0 * x**2 + x) / tau), -np.inf, np.inf, epsabs=0, epsrel=1e-12)
+    return math.log(z0) + 0.5 * math.log(2.0 * math.pi * tau)
+
+
+def test_sample_temperatures_mbar_matches_quadrature(run_dir, tmp_path, capsys):
+    rc = cli.main(["sample", str(run_dir), "--n", "20000", "--batch", "10000", "--temperatures", "1.0,1.5",
+                   "--out", str(tmp_path / "s.h5"), "--no-progress"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    rows = json.loads((run_dir / "sample_summary.json").read_text())["thermodynamic_free_energies"]
+    assert [row["temperature_ratio"] for row in rows] == [1.0, 1.5]
+    assert rows[0]["delta_f_kT"] == 0.0 and rows[0]["stderr_kT"] == 0.0
+    row = rows[1]
+    exact = -(double_well_ln_z(1.5) - double_well_ln_z(1.0))
+    assert 0 < row["stderr_kT"] < 0.05 and 0 < row["n_eff"] <= 20000
+    assert abs(row["delta_f_kT"] - exact) < 4 * row["stderr_kT"] + 0.01, (row, exact)
+    assert row["method"] == "MBAR (pymbar), flow samples"
+    assert "T/T0 = 1.5" in out and f"{row['delta_f_kT']:+.4f}" in out
+
+
+@pytest.mark.parametrize("value", ["0", "-300", "abc", "290,,310", "nan"])
+def test_sample_bad_temperatures_are_one_line_exit_2(run_dir, value, capsys):
+    assert cli.main(["sample", str(run_dir), "--n", "10", "--temperatures", value, "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "--temperatures" in err
 
 
 def test_weights_help_states_the_bias():
