@@ -61,3 +61,15 @@ def test_quadrature_box_holds_the_mass():
         u_edge = energy(torch.from_numpy(edge))
         u_min = energy(torch.tensor([[-1.7, 0.0], [-0.558, 1.442]], dtype=torch.float64)).min()
         assert float(u_edge.min() - u_min) > 15.0
+
+
+def test_energy_constants_stay_out_of_checkpoints():
+    """A checkpoint holds the flow only: an energy's stored constants may change shape between
+    versions, and a checkpoint written with old ones still loads."""
+    model = torch.nn.Module()
+    model.flow = torch.nn.Linear(2, 2)
+    model.energy = DoubleWell()
+    state = model.state_dict()
+    assert state and not any(key.startswith("energy.") for key in state)
+    state["energy.old_constant"] = torch.zeros(3, 1)  # as a checkpoint from before might carry
+    model.load_state_dict(state)  # strict: neither missing nor unexpected keys

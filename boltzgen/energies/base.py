@@ -20,6 +20,13 @@ class Energy(nn.Module, ABC):
     handle it by the rule in DESIGN.md (weight 0, counted), never by replacing it here.
     """
 
+    def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
+        """Nothing: an energy is rebuilt from its config, so its constants stay out of checkpoints,
+        which then survive changes to how an energy stores them."""
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: object) -> None:
+        """Nothing, and constants in checkpoints written before energies were left out are ignored."""
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
