@@ -40,7 +40,7 @@ from boltzgen.estimators import (
     thermodynamic_free_energies_mbar,
     truncated_log_weights,
 )
-from boltzgen.io import SampleWriter, atomic_path, atomic_write_json
+from boltzgen.io import SampleWriter, atomic_path, atomic_write_json, json_safe
 from boltzgen.mcmc import (
     CartesianMALA,
     ChainState,
@@ -93,26 +93,6 @@ THERMODYNAMIC_METHOD = "MBAR (pymbar), flow samples"
 
 
 # --- small shared helpers (also used by boltzgen.report) --------------------------------------------
-
-def json_safe(value: Any) -> Any:
-    """Nested copy with numpy types made plain and every non-finite float replaced by ``None``."""
-    if isinstance(value, dict):
-        return {str(k): json_safe(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_safe(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return json_safe(value.tolist())
-    if isinstance(value, (np.bool_, bool)):
-        return bool(value)
-    if isinstance(value, (np.integer,)):
-        return int(value)
-    if isinstance(value, (float, np.floating)):
-        value = float(value)
-        return value if math.isfinite(value) else None
-    if isinstance(value, Path):
-        return str(value)
-    return value
-
 
 def cv_names(cvs: dict[str, np.ndarray]) -> list[str]:
     """The CVs to report: ``x0, x1, ...`` or ``phi, psi`` (plus ``phi1, psi1, ...`` of longer peptides).

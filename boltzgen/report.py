@@ -35,8 +35,8 @@ import h5py
 import numpy as np
 
 from boltzgen.estimators import fes_rmse, free_energy_surface, jensen_shannon, normalized_weights
-from boltzgen.io import DataFileError, atomic_path, atomic_write_json, atomic_write_text
-from boltzgen.jobs import exact_bin_probabilities, json_safe, plot_fes_2d
+from boltzgen.io import DataFileError, atomic_path, atomic_write_json, atomic_write_text, json_safe
+from boltzgen.jobs import exact_bin_probabilities, plot_fes_2d
 from boltzgen.pipeline import RunError, state_pairs
 
 TARGET_STDERR_KT = 0.1
@@ -168,7 +168,7 @@ def _cost(row: dict[str, Any]) -> None:
 
 
 def _ess_from_tau(n: int | None, taus: dict[str, Any] | None, kish: float | None = 1.0) -> float | None:
-    values = [t for t in (taus or {}).values() if t is not None]
+    values = [math.inf if t is None else t for t in (taus or {}).values()]  # JSON null: an infinite tau
     if not n or not values:
         return None
     tau = max(values)
