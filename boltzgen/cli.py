@@ -79,10 +79,10 @@ def _add_job_commands(sub: Any) -> None:
     sample.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     mcmc = sub.add_parser("mcmc", help="flow-preconditioned MCMC: independence MH, latent HMC/MALA, IMH + local MALA",
-                          description="Runs many chains in parallel, started from flow samples. imh: independence "
-                                      "Metropolis with the flow as proposal; latent_hmc / latent_mala: HMC / MALA on the "
-                                      "latent pull-back of the target (NeuTra); imh+mala: a cycle of IMH and a local "
-                                      "Cartesian MALA step. Warm-up adapts step sizes only; they are frozen afterwards. "
+                          description="Runs many chains in parallel, started near equilibrium by sampling-importance-"
+                                      "resampling of flow samples. imh: independence Metropolis with the flow as "
+                                      "proposal; latent_hmc / latent_mala: HMC / MALA on the latent pull-back of the "
+                                      "target (NeuTra); imh+mala: a cycle of IMH and a local Cartesian MALA step. Warm-up adapts step sizes only; they are frozen afterwards. "
                                       "Writes chains.h5 (chain-major: frame c*T+t is kept state t of chain c; datasets "
                                       "u, chain, step; mdtraj-readable for molecules) and summary.json with acceptance "
                                       "rates, autocorrelation times and ΔF with block errors into RUN_DIR/mcmc/.")

@@ -21,13 +21,16 @@ import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from boltzgen.coordinates import find_alpha_carbon_chirality, is_l_chirality
 from boltzgen.energies.analytic import AnalyticEnergy
+from boltzgen.energies.base import RestrictedEnergy
 from boltzgen.estimators import (
     batch_means_tau,
     delta_f_blocked,
@@ -358,19 +361,24 @@ def build_moves(kind: str, generator: Any, system: System, step_size: float | No
     raise RunError(f"--moves: unknown move {kind!r}; choose one of {', '.join(MOVES)}")
 
 
-def initial_state(generator: Any, n_chains: int, max_redraws: int = 10) -> ChainState:
-    """``n_chains`` flow samples with finite energy and density (redrawn otherwise), positions in float64."""
+def initial_state(generator: Any, n_chains: int, oversample: int = 16) -> ChainState:
+    """``n_chains`` starts near equilibrium, positions in float64: sampling-importance-resampling.
+
+    ``oversample * n_chains`` flow samples are drawn and ``n_chains`` of them resampled with
+    probability proportional to their importance weights (weight 0 where the energy or density is
+    not finite). Starting from raw flow samples would leave local moves (latent HMC/MALA) to
+    correct the basins' weights by crossing barriers, and a start in a clash would never move.
+    Starts may repeat; the chains' moves are independent.
+    """
     with torch.no_grad():
-        s = generator.sample(n_chains)
-        x, z, log_q, u = s.x, s.z, s.log_q, s.u
-        for _ in range(max_redraws):
-            bad = ~(torch.isfinite(u) & torch.isfinite(log_q))
-            if not bool(bad.any()):
-                return ChainState(x=x.to(torch.float64), u=u, z=z, log_q=log_q)
-            r = generator.sample(int(bad.sum()))
-            idx = bad.nonzero().squeeze(-1)
-            x, z, log_q, u = (t.index_copy(0, idx, v.to(t)) for t, v in ((x, r.x), (z, r.z), (log_q, r.log_q), (u, r.u)))
-    raise RunError(f"could not draw {n_chains} chain starts with finite energy from the flow in {max_redraws} redraws")
+        s = generator.sample(oversample * n_chains)
+    finite = torch.isfinite(s.log_w)
+    if not bool(finite.any()):
+        raise RunError(f"none of {oversample * n_chains} flow samples has a finite energy and density; "
+                       "the flow cannot start chains (retrain it)")
+    probabilities = torch.softmax(torch.where(finite, s.log_w, torch.full_like(s.log_w, -torch.inf)), 0)
+    idx = torch.multinomial(probabilities, n_chains, replacement=True)
+    return ChainState(x=s.x[idx].to(torch.float64), u=s.u[idx], z=s.z[idx], log_q=s.log_q[idx])
 
 
 def tau_series(system: System, cvs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -414,7 +422,7 @@ def mcmc_job(run_dir: Path, chains: int = 256, steps: int = 1000, warmup: int = 
              progress: bool = True) -> dict[str, Any]:
     """`boltzgen mcmc`: flow-preconditioned MCMC chains, into ``<run>/mcmc/`` (or ``out_dir``).
 
-    Chains start from flow samples, run ``warmup`` steps (step sizes adapt there only, then are
+    Chains start near equilibrium (:func:`initial_state`), run ``warmup`` steps (step sizes adapt there only, then are
     frozen) and ``steps`` production steps, keeping every ``thin``-th state.
 
     ``chains.h5``: positions in **chain-major** order, frame ``c * T + t`` is kept state ``t`` of
@@ -424,7 +432,8 @@ def mcmc_job(run_dir: Path, chains: int = 256, steps: int = 1000, warmup: int = 
     ``summary.json`` (train schema): ``ess`` (fraction of n_samples implied by the largest
     integrated autocorrelation time over the CVs, u and the state indicators: ``1 / tau_max``; 0 when
     a chain never decorrelates; the indicators' tau comes from the spread of chain means),
-    ``n_samples``, ``n_nonfinite`` (rejected non-finite proposals),
+    ``n_samples``, ``n_nonfinite`` (rejected non-finite proposals; for molecules with
+    ``coordinates.reject_wrong_chirality`` the target is the L form, and a D proposal has u = inf),
     ``free_energies`` (jackknife over blocks: one block per chain when there are >= 20 chains),
     ``energy_evaluations``, ``wall_seconds``, plus ``acceptance_rate`` (per move), ``step_sizes``
     (frozen), ``tau_int`` (in kept frames; multiply by ``thin`` for steps), ``tau_unreliable`` (series
@@ -444,6 +453,11 @@ def mcmc_job(run_dir: Path, chains: int = 256, steps: int = 1000, warmup: int = 
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "mcmc"
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed if seed is None else seed)
+    if system.molecule is not None and config.coordinates.reject_wrong_chirality:
+        # the target is the L form; a proposal of its mirror image must be rejected, not accepted
+        quads = find_alpha_carbon_chirality(system.topology)
+        generator.energy = RestrictedEnergy(generator.energy, partial(is_l_chirality, topology=quads))
+        system = replace(system, energy=generator.energy)
     energy = generator.energy
     evaluations0 = energy.evaluations
 

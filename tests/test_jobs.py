@@ -15,8 +15,11 @@ from scipy import integrate
 from boltzgen import cli, jobs, pipeline
 from boltzgen.config import load_config
 from boltzgen.energies.analytic import DoubleWell
+from boltzgen.energies.base import RestrictedEnergy
 from boltzgen.generator import BoltzmannGenerator
 from boltzgen.mcmc import StepSizeAdapter
+from boltzgen.priors import Prior
+from boltzgen.transforms import Compose
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
@@ -160,6 +163,24 @@ def test_mcmc_imh_is_consistent_with_quadrature(run_dir, tmp_path):
     assert set(summary["tau_int"]) == {"x0", "x1", "u", "state:A", "state:B"}
     assert all(t is None or t >= 0.5 for t in summary["tau_int"].values())
     assert summary["energy_evaluations"]["total"] >= chains * (steps + 50)
+
+
+def test_chains_start_by_importance_resampling():
+    """A flow far from the target (a standard normal, half its mass at x0 > 0) still gives starts in
+    the right proportions: only about 3 % of the double well's mass lies at x0 > 0."""
+    torch.manual_seed(3)
+    generator = BoltzmannGenerator(Prior(2), Compose([]), DoubleWell())
+    state = jobs.initial_state(generator, 4000)
+    assert torch.isfinite(state.u).all() and state.x.dtype == torch.float64
+    assert float((state.x[:, 0] > 0).double().mean()) == pytest.approx(exact_p_right(), abs=0.015)
+
+
+def test_restricted_energy_is_inf_outside_and_exact_inside():
+    energy = RestrictedEnergy(DoubleWell(), lambda x: x[:, 0] < 0)
+    x = torch.tensor([[-1.0, 0.5], [1.0, 0.5]], dtype=torch.float64)
+    u = energy(x)
+    assert u[0] == DoubleWell()(x[:1])[0] and u[1] == math.inf
+    assert torch.equal(energy.force(x[:1]), DoubleWell().force(x[:1]))
 
 
 def test_mcmc_step_sizes_adapt_in_warmup_only(run_dir, tmp_path, monkeypatch):

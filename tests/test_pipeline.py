@@ -407,3 +407,16 @@ def test_untemplated_residue_is_one_line(tmp_path, capsys):
     assert cli.main(["check-energy", str(tmp_path / "bad.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert "\n" not in err and "ALX" in err and "bad.pdb" in err
+
+
+def test_mcmc_on_a_molecule_keeps_the_l_form(alanine_run):
+    """The target is L-alanine: an IMH proposal of the mirror image (which a barely trained flow
+    makes often) has u = inf and is rejected, so every kept state is L."""
+    from boltzgen import jobs
+    from boltzgen.coordinates import is_l_chirality
+
+    out = alanine_run / "mcmc_chirality"
+    summary = jobs.mcmc_job(alanine_run, chains=16, steps=20, warmup=5, moves="imh", out_dir=out, progress=False)
+    x = torch.as_tensor(read_samples(out / "chains.h5")["x"])
+    assert bool(is_l_chirality(x, pipeline.load_run(alanine_run)[2].topology).all())
+    assert summary["n_nonfinite"] > 0  # mirror-image proposals were made, and rejected

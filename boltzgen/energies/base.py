@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 import torch
 from torch import Tensor, nn
@@ -49,3 +50,21 @@ class Energy(nn.Module, ABC):
             u = self(x)
             (grad,) = torch.autograd.grad(u.sum(), x)
         return -grad
+
+
+class RestrictedEnergy(Energy):
+    """``energy`` on the configurations ``allowed`` accepts and ``+inf`` elsewhere: the target
+    restricted to a region, e.g. L-chirality, that a sampler must not leave.
+
+    ``allowed`` maps ``x`` ``[batch, dim]`` to a bool ``[batch]``. Evaluations are counted here
+    and by ``energy``.
+    """
+
+    def __init__(self, energy: Energy, allowed: Callable[[Tensor], Tensor]) -> None:
+        super().__init__(energy.dim)
+        self.energy = energy
+        self.allowed = allowed
+
+    def reduced_energy(self, x: Tensor) -> Tensor:
+        u = self.energy(x)
+        return torch.where(self.allowed(x.detach()), u, torch.full_like(u, torch.inf))
