@@ -129,6 +129,21 @@ def test_close_pair_high_energy(alanine_pdb: app.PDBFile) -> None:
         assert np.abs(forces.numpy().reshape(f_ref.shape) - f_ref).max() <= max(FORCE_ABS_TOL_KJ_NM, 1e-9 * scale)
 
 
+def test_torsion_phases_and_periodicities(alanine_pdb: app.PDBFile) -> None:
+    """Arbitrary phases and periodicities 1..6 (the sine polynomial), incl. several terms per quadruplet."""
+    system, positions = _make(alanine_pdb, ["amber14-all.xml"])
+    torsions = next(f for f in system.getForces() if isinstance(f, openmm.PeriodicTorsionForce))
+    rng = np.random.default_rng(7)
+    for t in range(torsions.getNumTorsions()):
+        i, j, k, l, _, _, kt = torsions.getTorsionParameters(t)
+        torsions.setTorsionParameters(t, i, j, k, l, int(rng.integers(1, 7)), float(rng.uniform(0, 2 * np.pi)), kt)
+    i, j, k, l, *_ = torsions.getTorsionParameters(0)
+    torsions.addTorsion(i, j, k, l, 5, 1.234, 3.0)
+    report = compare_with_openmm(system, positions, TEMPERATURE_K, n=4, noise_nm=0.03, seed=2)
+    _assert_parity(report)
+    assert TorchForceField(system, TEMPERATURE_K).torsion_sin_coef.shape[0] > 0
+
+
 @pytest.fixture(scope="module")
 def alanine_obc(alanine_pdb: app.PDBFile) -> tuple[openmm.System, np.ndarray]:
     return _make(alanine_pdb, ["amber96.xml", "amber96_obc.xml"])
