@@ -3,7 +3,8 @@
 A molecular ``samples.h5`` or ``md.h5`` holds ``coordinates`` ``[n_frames, n_atoms, 3]`` float32 in
 nm and the topology as JSON, exactly as mdtraj's HDF5 format, so ``mdtraj.load`` opens it (mdtraj
 reads HDF5 through PyTables). Per-frame extras (``log_q``, ``u``, ``log_w``, energies) are float64
-datasets beside them. Analytic systems have no topology; their ``positions`` are ``[n, dim]``.
+datasets beside them, except mdtraj's own ``time`` (ps) and ``potentialEnergy`` (kJ/mol), stored as
+mdtraj stores them. Analytic systems have no topology; their ``positions`` are ``[n, dim]``.
 """
 
 from __future__ import annotations
@@ -114,35 +115,55 @@ def topology_from_json(raw: bytes | str) -> mdtraj.Topology:
     return top
 
 
+#: mdtraj's own per-frame fields -> units attribute; as extras they are float32, as mdtraj writes them.
+MDTRAJ_FIELDS: dict[str, str] = {"time": "picoseconds", "potentialEnergy": "kilojoules_per_mole"}
+
+
 class SampleWriter:
     """Streams frames into an HDF5 file, written atomically when :meth:`close` succeeds.
 
     ``dim``: flattened state dimension. With ``topology`` (mdtraj or OpenMM), states are positions
     in nm, stored as ``coordinates [n, dim/3, 3]`` in mdtraj's layout; otherwise as ``positions [n, dim]``.
-    ``extras``: names of per-frame float64 datasets to stream beside the positions.
+    ``extras``: names of per-frame ``[n]`` datasets to stream beside the positions: float64, except
+    the names in :data:`MDTRAJ_FIELDS` (float32 with mdtraj's ``units`` attribute).
+    ``attrs``: root attributes. ``expected_frames``: total frames, if known; it caps the chunk length,
+    so that a short file is not padded to full-size chunks.
     """
 
     def __init__(self, path: str | Path, dim: int, extras: tuple[str, ...] = (), topology: Any = None,
-                 attrs: dict[str, Any] | None = None) -> None:
+                 attrs: dict[str, Any] | None = None, expected_frames: int | None = None) -> None:
+        if topology is not None:
+            n_atoms = topology.n_atoms if isinstance(topology, mdtraj.Topology) else topology.getNumAtoms()
+            if dim != 3 * n_atoms:
+                raise ValueError(f"dim {dim} does not match the topology's {n_atoms} atoms (3 * n_atoms)")
+
+        def frames_per_chunk(default: int) -> int:
+            return default if expected_frames is None else max(1, min(default, expected_frames))
+
         self.path = Path(path)
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         self._file = h5py.File(self._tmp, "w")
         self.n = 0
         if topology is not None:
-            n_atoms = dim // 3
             self._file.attrs.update({"conventions": "Pande", "conventionVersion": "1.1", "program": "boltzgen",
                                      "programVersion": "0.1.0", "application": "boltzgen", "title": self.path.stem})
             # Fixed-length bytes: PyTables, which mdtraj reads with, cannot read variable-length strings.
             self._file.create_dataset("topology", data=np.array([topology_json(topology).encode()]))
-            self._positions = self._file.create_dataset("coordinates", shape=(0, n_atoms, 3), maxshape=(None, n_atoms, 3),
-                                                        dtype=np.float32, chunks=(max(1, 65536 // n_atoms), n_atoms, 3))
+            self._positions = self._file.create_dataset(
+                "coordinates", shape=(0, n_atoms, 3), maxshape=(None, n_atoms, 3), dtype=np.float32,
+                chunks=(frames_per_chunk(max(1, 65536 // n_atoms)), n_atoms, 3))
             self._positions.attrs["units"] = "nanometers"
         else:
             self._positions = self._file.create_dataset("positions", shape=(0, dim), maxshape=(None, dim),
-                                                        dtype=np.float64, chunks=(max(1, 16384 // dim), dim))
-        self._extras = {name: self._file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=np.float64, chunks=(65536,))
-                        for name in extras}
+                                                        dtype=np.float64, chunks=(frames_per_chunk(max(1, 16384 // dim)), dim))
+        self._extras: dict[str, h5py.Dataset] = {}
+        for name in extras:
+            dtype = np.float32 if name in MDTRAJ_FIELDS else np.float64
+            self._extras[name] = self._file.create_dataset(name, shape=(0,), maxshape=(None,), dtype=dtype,
+                                                           chunks=(frames_per_chunk(65536),))
+            if name in MDTRAJ_FIELDS:
+                self._extras[name].attrs["units"] = MDTRAJ_FIELDS[name]
         for key, value in (attrs or {}).items():
             self._file.attrs[key] = value
 
@@ -157,8 +178,12 @@ class SampleWriter:
         for name, values in extras.items():
             dataset = self._extras[name]
             dataset.resize(self.n + batch, axis=0)
-            dataset[self.n:] = _numpy(values).astype(np.float64)
+            dataset[self.n:] = _numpy(values).astype(dataset.dtype)
         self.n += batch
+
+    def add_dataset(self, name: str, data: np.ndarray) -> None:
+        """Store ``data`` (any shape and dtype, not per-frame; e.g. final positions) whole as dataset ``name``."""
+        self._file.create_dataset(name, data=np.asarray(data))
 
     def close(self) -> None:
         self._file.close()

@@ -6,9 +6,9 @@ reduced energies ``u = U / kT`` (dimensionless, float64).
 Trajectories are written in **mdtraj's HDF5 layout** ("Pande" conventions 1.1: ``/coordinates``
 [T, n_atoms, 3] float32 nm, ``/time`` [T] ps, ``/topology`` JSON, ``/potentialEnergy`` [T] kJ/mol),
 plus extra datasets (``potential_energy_kJ_mol``, ``reduced_energy``, ``final_positions_nm``, CVs).
-The file is written with h5py (the same layout as :class:`boltzgen.io.SampleWriter`), so
-``mdtraj.load`` opens it (mdtraj reads HDF5 through PyTables), :func:`boltzgen.io.read_samples`
-reads it, and :func:`load_trajectory_h5` reads it without PyTables.
+The file is written by :class:`boltzgen.io.SampleWriter` (h5py, atomically), so ``mdtraj.load``
+opens it (mdtraj reads HDF5 through PyTables), :func:`boltzgen.io.read_samples` reads it, and
+:func:`load_trajectory_h5` reads it without PyTables.
 
 Public API
 ----------
@@ -16,7 +16,7 @@ Public API
 - :func:`load_md` -> :class:`MDResult` from a file written by :func:`run_langevin`
 - :func:`reduced_energy_at`, :func:`kT_kJ_per_mol`
 - umbrella sampling along a torsion lives in :mod:`boltzgen.umbrella`
-- :func:`dihedral_rad`, :func:`write_trajectory_h5`, :func:`load_trajectory_h5`
+- :func:`dihedral_rad`, :func:`load_trajectory_h5`
 """
 
 from __future__ import annotations
@@ -38,14 +38,13 @@ import openmm.app as app
 from openmm import unit
 from tqdm.auto import tqdm
 
-from boltzgen.io import atomic_path, topology_from_json, topology_json
+from boltzgen.io import SampleWriter, atomic_path, topology_from_json
 
 __all__ = [
     "MDResult",
     "kT_kJ_per_mol",
     "reduced_energy_at",
     "dihedral_rad",
-    "write_trajectory_h5",
     "load_trajectory_h5",
     "run_langevin",
     "load_md",
@@ -123,75 +122,8 @@ def dihedral_rad(positions_nm: np.ndarray, atoms: Sequence[int]) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------
-# mdtraj-layout HDF5 I/O (h5py only)
+# mdtraj-layout HDF5 reading (h5py only; files are written by boltzgen.io.SampleWriter)
 # ----------------------------------------------------------------------------------------------
-
-
-def write_trajectory_h5(
-    path: Path,
-    topology: app.Topology | mdtraj.Topology,
-    positions_nm: np.ndarray,
-    *,
-    time_ps: np.ndarray | None = None,
-    potential_energy_kJ_mol: np.ndarray | None = None,
-    datasets: Mapping[str, np.ndarray] | None = None,
-    attrs: Mapping[str, Any] | None = None,
-) -> Path:
-    """Write a trajectory in mdtraj's HDF5 layout, atomically (temp file + ``os.replace``).
-
-    Args:
-        path: destination ``.h5`` file.
-        topology: OpenMM or mdtraj topology with ``n_atoms`` atoms.
-        positions_nm: [T, n_atoms, 3] positions in nm (stored as float32, as mdtraj does).
-        time_ps: [T] simulation time in ps (default: frame index).
-        potential_energy_kJ_mol: [T] potential energy in kJ/mol, stored as mdtraj's
-            ``potentialEnergy`` (float32) and, at full precision, as ``potential_energy_kJ_mol``.
-        datasets: extra root datasets (name -> array), stored as given.
-        attrs: extra root attributes (JSON-able scalars or strings).
-
-    Returns:
-        ``path``.
-    """
-    path = Path(path)
-    xyz = np.asarray(positions_nm, dtype=np.float32)
-    if xyz.ndim != 3 or xyz.shape[2] != 3:
-        raise ValueError(f"positions_nm must be [T, n_atoms, 3], got {xyz.shape}")
-    n_atoms = topology.n_atoms if isinstance(topology, mdtraj.Topology) else topology.getNumAtoms()
-    if xyz.shape[1] != n_atoms:
-        raise ValueError(f"positions have {xyz.shape[1]} atoms, topology has {n_atoms}")
-    n_frames = xyz.shape[0]
-    t = np.arange(n_frames, dtype=np.float32) if time_ps is None else np.asarray(time_ps, dtype=np.float32)
-    if t.shape != (n_frames,):
-        raise ValueError(f"time_ps must have shape ({n_frames},), got {t.shape}")
-
-    with atomic_path(path) as tmp:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["conventions"] = "Pande"
-            f.attrs["conventionVersion"] = "1.1"
-            f.attrs["program"] = "boltzgen"
-            f.attrs["programVersion"] = "0.1.0"
-            f.attrs["application"] = "boltzgen"
-            f.attrs["title"] = path.stem
-            f.attrs["format"] = _H5_FORMAT
-            # mdtraj stores the topology as a one-element fixed-length string array.
-            f.create_dataset("topology", data=np.array([topology_json(topology).encode("ascii")]))
-            # maxshape=None along frames mirrors mdtraj's extendable arrays (a mode "a" append works).
-            f.create_dataset("coordinates", data=xyz, maxshape=(None, n_atoms, 3), chunks=True)
-            f["coordinates"].attrs["units"] = "nanometers"
-            f.create_dataset("time", data=t, maxshape=(None,), chunks=True)
-            f["time"].attrs["units"] = "picoseconds"
-            if potential_energy_kJ_mol is not None:
-                pot = np.asarray(potential_energy_kJ_mol, dtype=np.float64)
-                if pot.shape != (n_frames,):
-                    raise ValueError(f"potential_energy_kJ_mol must have shape ({n_frames},), got {pot.shape}")
-                f.create_dataset("potentialEnergy", data=pot.astype(np.float32), maxshape=(None,), chunks=True)
-                f["potentialEnergy"].attrs["units"] = "kilojoules_per_mole"
-                f.create_dataset("potential_energy_kJ_mol", data=pot)
-            for name, value in (datasets or {}).items():
-                f.create_dataset(name, data=np.asarray(value))
-            for name, value in (attrs or {}).items():
-                f.attrs[name] = value
-    return path
 
 
 def load_trajectory_h5(path: Path) -> mdtraj.Trajectory:
@@ -563,16 +495,21 @@ def run_langevin(
     bias_energy = np.asarray(buf.bias, dtype=np.float64) if bias_mask is not None else None
     dihedral_values = {name: dihedral_rad(xyz, atoms) for name, atoms in dihedrals.items()}
 
-    datasets: dict[str, np.ndarray] = {
+    # Per-frame [T] datasets. "time" (ps) and "potentialEnergy" (kJ/mol) are mdtraj's own float32
+    # fields; the float64 copies are what load_md reads back.
+    per_frame: dict[str, np.ndarray] = {
+        "time": time_ps,
+        "potentialEnergy": potential,
+        "potential_energy_kJ_mol": potential,
         "reduced_energy": reduced,
         "time_ps": time_ps,
-        "final_positions_nm": np.asarray(final_positions, dtype=np.float64),
     }
     if bias_energy is not None:
-        datasets["bias_energy_kJ_mol"] = bias_energy
+        per_frame["bias_energy_kJ_mol"] = bias_energy
     for name, values in dihedral_values.items():
-        datasets[f"{name}_rad"] = values
+        per_frame[f"{name}_rad"] = values
     attrs: dict[str, Any] = {
+        "format": _H5_FORMAT,
         **{k: v for k, v in params.items() if k != "platform_properties"},
         "fingerprint": fingerprint,
         "steps": int(steps),
@@ -584,15 +521,11 @@ def run_langevin(
         "dihedral_atoms": json.dumps(dihedrals),
         **dict(extra_attrs or {}),
     }
-    write_trajectory_h5(
-        out_h5,
-        topology,
-        xyz,
-        time_ps=time_ps,
-        potential_energy_kJ_mol=potential,
-        datasets=datasets,
-        attrs=attrs,
-    )
+    with SampleWriter(
+        out_h5, xyz.shape[1] * 3, extras=tuple(per_frame), topology=topology, attrs=attrs, expected_frames=n_total
+    ) as writer:
+        writer.append(xyz.reshape(n_total, -1), **per_frame)
+        writer.add_dataset("final_positions_nm", np.asarray(final_positions, dtype=np.float64))
     return MDResult(
         positions_nm=xyz,
         time_ps=time_ps,
