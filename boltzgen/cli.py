@@ -82,7 +82,8 @@ def _add_job_commands(sub: Any) -> None:
                           description="Runs many chains in parallel, started near equilibrium by sampling-importance-"
                                       "resampling of flow samples. imh: independence Metropolis with the flow as "
                                       "proposal; latent_hmc / latent_mala: HMC / MALA on the latent pull-back of the "
-                                      "target (NeuTra); imh+mala: a cycle of IMH and a local Cartesian MALA step. Warm-up adapts step sizes only; they are frozen afterwards. "
+                                      "target (NeuTra); imh+mala: a cycle of IMH and a local Cartesian MALA step. "
+                                      "Warm-up adapts step sizes only; they are frozen afterwards. "
                                       "Writes chains.h5 (chain-major: frame c*T+t is kept state t of chain c; datasets "
                                       "u, chain, step; mdtraj-readable for molecules) and summary.json with acceptance "
                                       "rates, autocorrelation times and ΔF with block errors into RUN_DIR/mcmc/.")

@@ -377,8 +377,7 @@ def initial_state(generator: Any, n_chains: int, oversample: int = 16) -> ChainS
     if not bool(finite.any()):
         raise RunError(f"none of {oversample * n_chains} flow samples has a finite energy and density; "
                        "the flow cannot start chains (retrain it)")
-    probabilities = torch.softmax(torch.where(finite, s.log_w, torch.full_like(s.log_w, -torch.inf)), 0)
-    idx = torch.multinomial(probabilities, n_chains, replacement=True)
+    idx = torch.multinomial(torch.softmax(s.log_w, 0), n_chains, replacement=True)  # log w is -inf, not NaN, at 0
     return ChainState(x=s.x[idx].to(torch.float64), u=s.u[idx], z=s.z[idx], log_q=s.log_q[idx])
 
 
@@ -423,8 +422,8 @@ def mcmc_job(run_dir: Path, chains: int = 256, steps: int = 1000, warmup: int = 
              progress: bool = True) -> dict[str, Any]:
     """`boltzgen mcmc`: flow-preconditioned MCMC chains, into ``<run>/mcmc/`` (or ``out_dir``).
 
-    Chains start near equilibrium (:func:`initial_state`), run ``warmup`` steps (step sizes adapt there only, then are
-    frozen) and ``steps`` production steps, keeping every ``thin``-th state.
+    Chains start near equilibrium (:func:`initial_state`), run ``warmup`` steps (step sizes adapt
+    there only, then are frozen) and ``steps`` production steps, keeping every ``thin``-th state.
 
     ``chains.h5``: positions in **chain-major** order, frame ``c * T + t`` is kept state ``t`` of
     chain ``c`` (``T = steps // thin``), mdtraj layout with topology for molecules; extra float64
