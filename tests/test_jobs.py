@@ -10,10 +10,10 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from conftest import train_tiny_double_well
 from scipy import integrate
 
 from boltzgen import cli, jobs, pipeline
-from boltzgen.config import load_config
 from boltzgen.energies.analytic import DoubleWell
 from boltzgen.energies.base import RestrictedEnergy
 from boltzgen.generator import BoltzmannGenerator
@@ -21,28 +21,10 @@ from boltzgen.mcmc import StepSizeAdapter
 from boltzgen.priors import Prior
 from boltzgen.transforms import Compose
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "baseline.chains=512", "baseline.steps=100", "baseline.warmup=50", "baseline.thin=10",
-    "flow.blocks=4", "flow.hidden=[32,32]", "flow.bins=8",
-    "training[0].steps=200", "training[0].batch=256",
-    "training[1].steps=60", "training[1].batch=256",
-    "sampling.n=4000", "sampling.batch=4000", "sampling.n_bootstrap=50",
-    "checkpoint_every=1000", "log_every=50",
-]
-
-
-def train_tiny_run(out_dir: Path) -> Path:
-    """A double-well run dir trained for a few hundred steps (about 15 s on one core)."""
-    torch.set_num_threads(1)
-    config, resolved = load_config(ROOT / "systems" / "double_well.yaml", TINY)
-    pipeline.train(config, resolved, out_dir, progress=False)
-    return out_dir
-
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    return train_tiny_run(tmp_path_factory.mktemp("dw") / "run")
+    return train_tiny_double_well(tmp_path_factory.mktemp("dw") / "run")
 
 
 def exact_p_right() -> float:

@@ -8,20 +8,10 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import train_tiny_double_well
 
-from boltzgen import cli, jobs, pipeline, report
-from boltzgen.config import load_config
+from boltzgen import cli, jobs, report
 
-ROOT = Path(__file__).resolve().parents[1]
-TINY = [
-    "baseline.chains=512", "baseline.steps=100", "baseline.warmup=50", "baseline.thin=10",
-    "flow.blocks=4", "flow.hidden=[32,32]", "flow.bins=8",
-    "training[0].steps=150", "training[0].batch=256",
-    "training[1].steps=40", "training[1].batch=256",
-    "sampling.n=4000", "sampling.batch=4000", "sampling.n_bootstrap=50",
-    "checkpoint_every=1000", "log_every=50",
-]
 UMBRELLA = {
     "free_energies": [{"from": "A", "to": "B", "delta_f_kT": 3.3, "stderr_kT": 0.2}],
     "profile": {"centers_rad": [-1.0, 0.0, 1.0], "f_kT": [0.0, 5.0, 1.0], "stderr_kT": [0.1, 0.2, 0.1]},
@@ -32,10 +22,7 @@ UMBRELLA = {
 
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
-    torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("dw") / "run"
-    config, resolved = load_config(ROOT / "systems" / "double_well.yaml", TINY)
-    pipeline.train(config, resolved, out, progress=False)
+    out = train_tiny_double_well(tmp_path_factory.mktemp("dw") / "run", ml_steps=150, mixed_steps=40)
     jobs.mcmc_job(out, chains=64, steps=100, warmup=20, moves="imh", progress=False)
     return out
 
