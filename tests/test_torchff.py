@@ -11,6 +11,7 @@ import pytest
 import torch
 from openmm import app, unit
 
+from boltzgen.energies import native as native_kernel
 from boltzgen.energies.torchff import (
     ENERGY_ABS_TOL_KJ,
     ENERGY_REL_TOL,
@@ -69,6 +70,14 @@ def system_case(request: pytest.FixtureRequest) -> tuple[str, openmm.System, np.
     return request.param, system, positions
 
 
+@pytest.fixture(params=[False, True], ids=["eager", "kernel"])
+def native(request: pytest.FixtureRequest) -> bool:
+    """Both CPU paths: eager torch, and the fused C kernel (skipped, with the reason, where it cannot build)."""
+    if request.param and native_kernel.load_kernel() is None:
+        pytest.skip(f"C kernel unavailable: {native_kernel.unavailable_reason()}")
+    return request.param
+
+
 def _assert_parity(report: ParityReport) -> None:
     assert report.passed, report
     assert report.max_rel_energy <= ENERGY_REL_TOL or report.max_abs_energy_kJ <= ENERGY_ABS_TOL_KJ
@@ -76,13 +85,14 @@ def _assert_parity(report: ParityReport) -> None:
 
 
 @pytest.mark.parametrize("noise_nm", [0.01, 0.05])
-def test_parity_with_openmm(system_case: tuple[str, openmm.System, np.ndarray], noise_nm: float) -> None:
+def test_parity_with_openmm(system_case: tuple[str, openmm.System, np.ndarray], noise_nm: float, native: bool) -> None:
     name, system, positions = system_case
     n = 6 if name.startswith("alanine") else 2
-    _assert_parity(compare_with_openmm(system, positions, TEMPERATURE_K, n=n, noise_nm=noise_nm, seed=1))
+    report = compare_with_openmm(system, positions, TEMPERATURE_K, n=n, noise_nm=noise_nm, seed=1, native=native)
+    _assert_parity(report)
 
 
-def test_per_force_parity(system_case: tuple[str, openmm.System, np.ndarray]) -> None:
+def test_per_force_parity(system_case: tuple[str, openmm.System, np.ndarray], native: bool) -> None:
     """Each force on its own group, so a failure names the term at fault."""
     _, system, positions = system_case
     system = openmm.XmlSerializer.clone(system)
@@ -101,7 +111,8 @@ def test_per_force_parity(system_case: tuple[str, openmm.System, np.ndarray]) ->
     frame = positions + 0.02 * rng.standard_normal(positions.shape)
     context = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
     context.setPositions(frame)
-    ff = TorchForceField(system, TEMPERATURE_K)
+    ff = TorchForceField(system, TEMPERATURE_K, native=native)
+    assert ff.uses_native_kernel() == native
     terms = ff.energy_terms_kJ(torch.as_tensor(frame.reshape(1, -1)))
     assert set(terms) == {t for t, f in names.items() if f in groups}
     for term, value in terms.items():
@@ -110,7 +121,7 @@ def test_per_force_parity(system_case: tuple[str, openmm.System, np.ndarray]) ->
         assert abs(value.item() - ref) <= max(ENERGY_ABS_TOL_KJ, ENERGY_REL_TOL * abs(ref)), (term, value.item(), ref)
 
 
-def test_close_pair_high_energy(alanine_pdb: app.PDBFile) -> None:
+def test_close_pair_high_energy(alanine_pdb: app.PDBFile, native: bool) -> None:
     """A non-bonded pair pushed to 0.12 nm (huge LJ repulsion) still matches OpenMM."""
     for forcefield in (["amber14-all.xml"], ["amber96.xml", "amber96_obc.xml"]):
         system, positions = _make(alanine_pdb, forcefield)
@@ -121,7 +132,7 @@ def test_close_pair_high_energy(alanine_pdb: app.PDBFile) -> None:
         frames = np.stack([frame, frame + 0.003 * np.random.default_rng(0).standard_normal(frame.shape)])
         e_ref, f_ref = openmm_energies_forces(system, frames)
         assert e_ref.min() > 1e3  # really a high-energy configuration
-        ff = TorchForceField(system, TEMPERATURE_K)
+        ff = TorchForceField(system, TEMPERATURE_K, native=native)
         energy, forces = ff.energy_and_forces_kJ(torch.as_tensor(frames.reshape(2, -1)))
         assert np.all(np.abs(energy.numpy() - e_ref) <= np.maximum(ENERGY_ABS_TOL_KJ, ENERGY_REL_TOL * np.abs(e_ref)))
         # Forces here are ~1e5 kJ/mol/nm; compare relative to their scale.
@@ -129,7 +140,7 @@ def test_close_pair_high_energy(alanine_pdb: app.PDBFile) -> None:
         assert np.abs(forces.numpy().reshape(f_ref.shape) - f_ref).max() <= max(FORCE_ABS_TOL_KJ_NM, 1e-9 * scale)
 
 
-def test_torsion_phases_and_periodicities(alanine_pdb: app.PDBFile) -> None:
+def test_torsion_phases_and_periodicities(alanine_pdb: app.PDBFile, native: bool) -> None:
     """Arbitrary phases and periodicities 1..6 (the sine polynomial), incl. several terms per quadruplet."""
     system, positions = _make(alanine_pdb, ["amber14-all.xml"])
     torsions = next(f for f in system.getForces() if isinstance(f, openmm.PeriodicTorsionForce))
@@ -139,7 +150,7 @@ def test_torsion_phases_and_periodicities(alanine_pdb: app.PDBFile) -> None:
         torsions.setTorsionParameters(t, i, j, k, l, int(rng.integers(1, 7)), float(rng.uniform(0, 2 * np.pi)), kt)
     i, j, k, l, *_ = torsions.getTorsionParameters(0)
     torsions.addTorsion(i, j, k, l, 5, 1.234, 3.0)
-    report = compare_with_openmm(system, positions, TEMPERATURE_K, n=4, noise_nm=0.03, seed=2)
+    report = compare_with_openmm(system, positions, TEMPERATURE_K, n=4, noise_nm=0.03, seed=2, native=native)
     _assert_parity(report)
     assert TorchForceField(system, TEMPERATURE_K).torsion_sin_coef.shape[0] > 0
 
@@ -155,9 +166,9 @@ def _batch(positions: np.ndarray, n: int, noise: float = 0.02, seed: int = 0) ->
     return base + noise * torch.randn(n, base.shape[1], generator=gen, dtype=torch.float64)
 
 
-def test_reduced_energy_autograd_and_units(alanine_obc: tuple[openmm.System, np.ndarray]) -> None:
+def test_reduced_energy_autograd_and_units(alanine_obc: tuple[openmm.System, np.ndarray], native: bool) -> None:
     system, positions = alanine_obc
-    ff = TorchForceField.from_system(system, TEMPERATURE_K)
+    ff = TorchForceField.from_system(system, TEMPERATURE_K, native=native)
     x = _batch(positions, 5).requires_grad_(True)
     u = ff(x)
     assert u.shape == (5,) and u.dtype == torch.float64
@@ -174,9 +185,9 @@ def test_reduced_energy_autograd_and_units(alanine_obc: tuple[openmm.System, np.
     torch.testing.assert_close(grad_w, w[:, None] * grad)
 
 
-def test_finite_difference_gradient(alanine_obc: tuple[openmm.System, np.ndarray]) -> None:
+def test_finite_difference_gradient(alanine_obc: tuple[openmm.System, np.ndarray], native: bool) -> None:
     system, positions = alanine_obc
-    ff = TorchForceField(system, TEMPERATURE_K)
+    ff = TorchForceField(system, TEMPERATURE_K, native=native)
     x = _batch(positions, 2, noise=0.03, seed=4)
     grad = -ff.energy_and_forces_kJ(x)[1]
     h = 1e-6
