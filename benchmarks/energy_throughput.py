@@ -11,14 +11,14 @@ worker process); the torch force field is timed on the chosen device as the prog
 CPU in float64: the fused C kernel) and, for reference, with its eager torch code (``native=False``).
 
 The machines here are shared and noisy, so each measurement is ``--rounds`` windows of
-``seconds / rounds``, the backends taking turns window by window; the table gives each backend's
-median rate and the ratio of the medians. Prints the table, and optionally writes it (with every
+``seconds / rounds``, torch and OpenMM taking turns window by window (the eager reference is timed
+after them); the table gives each backend's median rate and the ratio of the medians. Prints the table, and optionally writes it (with every
 window's rate) as JSON.
 """
 
-from __future__ import annotations
+from __future__ import annotations  # noqa: I001 - boltzgen is imported first, on purpose
 
-import boltzgen  # noqa: F401, I001 - first: its OMP_WAIT_POLICY must be set before torch loads OpenMP
+import boltzgen  # noqa: F401 - first: its OMP_WAIT_POLICY must be set before torch loads OpenMP
 import argparse
 import json
 import os
@@ -30,7 +30,6 @@ from typing import Callable
 import torch
 
 from boltzgen.energies import native
-
 from boltzgen.energies.openmm import OpenMMEnergy, build_system
 from boltzgen.energies.torchff import TorchForceField
 
@@ -53,12 +52,17 @@ def _rate(step: Callable[[], None], n_per_call: int, seconds: float) -> float:
 
 def _interleaved_rates(steps: dict[str, tuple[Callable[[], None], int]], seconds: float,
                        rounds: int) -> dict[str, list[float]]:
-    """Each step's rate in ``rounds`` windows of ``seconds / rounds``, the steps taking turns."""
+    """Each step's rate in ``rounds`` windows of ``seconds / rounds``, the steps taking turns.
+
+    Every window starts with one untimed call: the first call after another backend ran is slow
+    (4x measured: caches, sleeping threads), for either backend.
+    """
     for step, _ in steps.values():
-        step()  # warm-up: workers started, kernel built, caches filled
+        step()  # warm-up: workers started, kernel built
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, (step, n) in steps.items():
+            step()
             rates[name].append(_rate(step, n, seconds / rounds))
     return rates
 
@@ -109,9 +113,11 @@ def main() -> None:
                 o_batch = min(batch, args.openmm_max_batch)
                 steps = {"torch": (_energy_and_grad(torch_energy, x.to(args.device)), batch),
                          "openmm": (_energy_and_grad(openmm_energy, x[:o_batch]), o_batch)}
-                if not args.no_eager:
-                    steps["eager"] = (_energy_and_grad(eager_energy, x.to(args.device)), batch)
                 windows = _interleaved_rates(steps, args.seconds, args.rounds)
+                if not args.no_eager:
+                    # Timed after, not between: its many allocations slowed the torch windows after it.
+                    eager_step = {"eager": (_energy_and_grad(eager_energy, x.to(args.device)), batch)}
+                    windows.update(_interleaved_rates(eager_step, args.seconds, args.rounds))
                 rate = {k: statistics.median(v) for k, v in windows.items()}
                 row = {"system": name, "batch": batch, "torch_evals_per_s": rate["torch"],
                        "eager_evals_per_s": rate.get("eager"), "openmm_evals_per_s": rate["openmm"],

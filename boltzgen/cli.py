@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     check = sub.add_parser("check-energy", help="compare the torch force field with OpenMM on perturbed configurations",
                            description="Evaluates the torch energy and forces and OpenMM's (Reference platform) on N "
-                                       "configurations perturbed from the PDB, prints the largest errors, and exits "
-                                       "with 1 when they exceed the tolerances.")
+                                       "configurations perturbed from the PDB, with both CPU code paths of the torch "
+                                       "force field (the C kernel and eager torch), prints the largest errors, and "
+                                       "exits with 1 when they exceed the tolerances.")
     check.add_argument("config", type=Path, help="system YAML file of an OpenMM system")
     check.add_argument("--n", type=int, default=16, help="number of perturbed configurations (default 16)")
     check.add_argument("--noise-nm", type=float, default=0.01, help="Gaussian perturbation per coordinate, nm")
@@ -141,6 +142,10 @@ def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     if evaluations:
         parts = ", ".join(f"{key} {value:,}" for key, value in evaluations.items() if key != "total")
         lines.append(f"energy evals      {evaluations.get('total', 0):,} ({parts})")
+    energy_seconds = summary.get("energy_seconds")
+    if energy_seconds:
+        lines.append(f"in energy calls   {energy_seconds['total']:.1f} s (training {energy_seconds['training']:.1f} s, "
+                     f"sampling {energy_seconds['sampling']:.1f} s)")
     lines.append(f"wall time         {summary['wall_seconds']:.1f} s")
     print("\n".join(lines))
 
@@ -173,6 +178,7 @@ def _cmd_md(args: argparse.Namespace) -> int:
 
 def _cmd_check_energy(args: argparse.Namespace) -> int:
     from boltzgen.config import OpenMMSystem, load_config
+    from boltzgen.energies.native import load_kernel, unavailable_reason
     from boltzgen.energies.openmm import build_system
     from boltzgen.energies.torchff import compare_with_openmm
     from boltzgen.pipeline import RunError
@@ -181,17 +187,28 @@ def _cmd_check_energy(args: argparse.Namespace) -> int:
     if not isinstance(config.system, OpenMMSystem):
         raise RunError(f"{args.config}: check-energy needs an OpenMM system, not {config.system.type}")
     molecule = build_system(config.system.pdb, config.system.forcefield, config.system.temperature_K)
+    # Both CPU code paths: the C kernel (what runs on the CPU) and eager torch (CUDA, or no compiler).
+    paths = {"eager torch": False}
+    if load_kernel() is not None:
+        paths = {"C kernel": True, **paths}
+    else:
+        print(f"C kernel                unavailable ({unavailable_reason()}); eager torch runs instead")
     try:
-        report = compare_with_openmm(molecule.system, molecule.positions_nm, config.system.temperature_K,
-                                     n=args.n, noise_nm=args.noise_nm, seed=config.seed)
+        reports = {name: compare_with_openmm(molecule.system, molecule.positions_nm, config.system.temperature_K,
+                                             n=args.n, noise_nm=args.noise_nm, seed=config.seed, native=native)
+                   for name, native in paths.items()}
     except ValueError as exc:
         raise RunError(f"{args.config}: {exc}") from None
-    print(f"configurations          {report.n} (noise {args.noise_nm} nm)")
-    print(f"max |dE|                {report.max_abs_energy_kJ:.3e} kJ/mol")
-    print(f"max |dE|/|E|            {report.max_rel_energy:.3e}")
-    print(f"max |dF|                {report.max_abs_force_kJ_nm:.3e} kJ/mol/nm")
-    print("parity                  " + ("PASSED" if report.passed else "FAILED: use energy_backend: openmm"))
-    return 0 if report.passed else 1
+    n = next(iter(reports.values())).n
+    print(f"configurations          {n} (noise {args.noise_nm} nm)")
+    print(f"{'':<24}" + "".join(f"{name:>14}" for name in reports))
+    for label, field, unit in (("max |dE|", "max_abs_energy_kJ", "kJ/mol"), ("max |dE|/|E|", "max_rel_energy", ""),
+                               ("max |dF|", "max_abs_force_kJ_nm", "kJ/mol/nm")):
+        values = "".join(f"{getattr(report, field):>14.3e}" for report in reports.values())
+        print(f"{label:<24}{values}  {unit}".rstrip())
+    passed = all(report.passed for report in reports.values())
+    print("parity                  " + ("PASSED" if passed else "FAILED: use energy_backend: openmm"))
+    return 0 if passed else 1
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:

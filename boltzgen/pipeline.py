@@ -483,7 +483,7 @@ def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool 
     energy = system.energy.to(device)
 
     data = training_data(config, system, out_dir, progress)
-    energy.evaluations = 0
+    energy.evaluations, energy.seconds = 0, 0.0
 
     x_train = torch.as_tensor(data.x, dtype=torch.float64)
     generator = build_generator(config, system, x_train)
@@ -491,11 +491,12 @@ def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool 
     trainer = Trainer(generator, config.training, out_dir, data=x_train.to(device=device, dtype=dtype),
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=progress)
     trainer.run(resume=resume)
-    training_evaluations = energy.evaluations
+    training_evaluations, training_energy_seconds = energy.evaluations, energy.seconds
 
     samples = draw_samples(generator, system, config.sampling.n, config.sampling.batch, out_dir / "samples.h5",
                            progress, config.coordinates.reject_wrong_chirality)
     sampling_evaluations = energy.evaluations - training_evaluations
+    sampling_energy_seconds = energy.seconds - training_energy_seconds
 
     summary: dict[str, Any] = {"name": config.name, "device": str(device), **reweighting_summary(samples)}
     summary["free_energies"] = sample_free_energies(config, system, samples)
@@ -515,6 +516,9 @@ def train(config: Config, resolved: dict[str, Any], out_dir: Path, resume: bool 
         summary["umbrella"] = reference
     summary["energy_evaluations"] = {"training": training_evaluations, "sampling": sampling_evaluations,
                                      "total": training_evaluations + sampling_evaluations}
+    # Time inside energy calls (this process, since start or resume): what the backend costs.
+    summary["energy_seconds"] = {"training": training_energy_seconds, "sampling": sampling_energy_seconds,
+                                 "total": training_energy_seconds + sampling_energy_seconds}
     summary["training_wall_seconds"] = trainer.wall_seconds
     summary["sampling_wall_seconds"] = samples.wall_seconds
     summary["n_nonfinite_training"] = trainer.n_nonfinite

@@ -24,6 +24,7 @@ def test_energies_are_float64_batched_and_counted():
     u = energy(torch.zeros(5, 2, dtype=torch.float32))
     assert u.dtype == torch.float64 and u.shape == (5,)
     assert energy.evaluations == 5
+    assert energy.seconds > 0  # wall time inside the call, for the summary's energy_seconds
 
 
 def test_double_well_formula():

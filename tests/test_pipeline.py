@@ -100,6 +100,10 @@ def test_summary_json_contents(finished_run):
     assert evaluations["sampling"] == 20000
     assert evaluations["training"] > 0
     assert evaluations["total"] == evaluations["training"] + evaluations["sampling"]
+    seconds = summary["energy_seconds"]
+    assert 0 < seconds["training"] < summary["training_wall_seconds"]
+    assert 0 < seconds["sampling"] < summary["sampling_wall_seconds"]
+    assert seconds["total"] == pytest.approx(seconds["training"] + seconds["sampling"])
     assert summary["wall_seconds"] > 0
     assert summary["baseline"]["n_samples"] > 0 and summary["baseline"]["free_energies"][0]["exact_kT"] == row["exact_kT"]
 
@@ -395,7 +399,25 @@ def test_md_command_reuses_the_cached_trajectory(alanine_run, capsys):
 
 def test_check_energy_command_passes_on_alanine(capsys):
     assert cli.main(["check-energy", str(ALANINE), "--n", "3"]) == 0
-    assert "PASSED" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "PASSED" in out
+    # Both CPU code paths are checked (the C kernel where it builds, else the reason it does not).
+    assert "eager torch" in out and "C kernel" in out
+
+
+def test_check_energy_fails_beyond_tolerance(monkeypatch, capsys):
+    """A force field that disagrees with OpenMM (a bond stiffness changed in the torch copy only) fails."""
+    from boltzgen.energies import torchff
+
+    original = torchff.TorchForceField._add_bonds
+
+    def stiffer_bonds(self, force):
+        original(self, force)
+        self.bond_k.mul_(1.01)
+
+    monkeypatch.setattr(torchff.TorchForceField, "_add_bonds", stiffer_bonds)
+    assert cli.main(["check-energy", str(ALANINE), "--n", "2"]) == 1
+    assert "FAILED" in capsys.readouterr().out
 
 
 def test_untemplated_residue_is_one_line(tmp_path, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 
@@ -13,8 +14,10 @@ class Energy(nn.Module, ABC):
     """A reduced potential u(x) = U(x)/kT of a batch of configurations.
 
     Subclasses implement :meth:`reduced_energy`. Calling the module casts ``x`` to float64,
-    evaluates, and counts evaluations in :attr:`evaluations` (one per configuration), which the
-    summary reports as ``energy_evaluations``.
+    evaluates, counts evaluations in :attr:`evaluations` (one per configuration), which the summary
+    reports as ``energy_evaluations``, and adds the wall time of the call to :attr:`seconds` (the
+    forward pass, which for the molecular backends computes the forces too; on CUDA only what the
+    call waits for).
 
     Shapes: ``x`` is ``[batch, dim]`` (for molecules, flattened positions in nm, ``dim = 3 * n_atoms``);
     the result is ``[batch]`` float64, dimensionless. A NaN or inf result is returned as is: callers
@@ -32,6 +35,7 @@ class Energy(nn.Module, ABC):
         super().__init__()
         self.dim = dim
         self.evaluations = 0
+        self.seconds = 0.0
 
     @abstractmethod
     def reduced_energy(self, x: Tensor) -> Tensor:
@@ -41,7 +45,10 @@ class Energy(nn.Module, ABC):
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects x of shape [batch, {self.dim}], got {list(x.shape)}")
         self.evaluations += x.shape[0]
-        return self.reduced_energy(x.to(torch.float64))
+        started = time.perf_counter()
+        u = self.reduced_energy(x.to(torch.float64))
+        self.seconds += time.perf_counter() - started
+        return u
 
     def force(self, x: Tensor) -> Tensor:
         """-du/dx in kT per unit of x, shape ``[batch, dim]``, float64, by autograd."""
