@@ -289,3 +289,24 @@ def test_cuda_matches_cpu(alanine_obc: tuple[openmm.System, np.ndarray]) -> None
     (gc,) = torch.autograd.grad(uc.sum(), xc)
     torch.testing.assert_close(u.cpu(), uc, rtol=1e-12, atol=1e-10)
     torch.testing.assert_close(g.cpu(), gc, rtol=1e-10, atol=1e-8)
+
+
+def test_gradient_weights_and_single_backward(alanine_obc: tuple[openmm.System, np.ndarray], native: bool) -> None:
+    """Backward hands out the evaluation's own gradient buffer, scaled in place: per-sample weights,
+    a uniform weight and u.sum() all give the right gradient, and a second backward through the same
+    evaluation raises (it would reuse a buffer the caller owns)."""
+    system, positions = alanine_obc
+    ff = TorchForceField(system, TEMPERATURE_K, native=native)
+    x = _batch(positions, 7)
+    reference = -ff.energy_and_forces_kJ(x)[1] / ff.kT_kJ_per_mol
+    w = torch.linspace(-1.0, 2.0, 7, dtype=torch.float64)
+    for loss, expected in ((lambda u: u.sum(), reference), (lambda u: 3.0 * u.mean(), reference * 3.0 / 7),
+                           (lambda u: (w * u).sum(), w[:, None] * reference)):
+        xx = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(loss(ff(xx)), xx)
+        torch.testing.assert_close(grad, expected, rtol=1e-13, atol=1e-12)
+    xx = x.clone().requires_grad_(True)
+    u = ff(xx).sum()
+    u.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="twice"):
+        u.backward()

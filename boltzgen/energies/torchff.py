@@ -754,32 +754,42 @@ class TorchForceField(Energy):
 
 
 class _TorchFFFunction(torch.autograd.Function):
-    """``scale`` times the energy in forward; the analytic gradient computed alongside it is replayed
-    in backward."""
+    """``scale`` times the energy in forward; the analytic gradient computed alongside it is handed
+    out in backward.
+
+    The gradient buffer belongs to this graph node alone (kept on ``ctx``, not saved as an input or
+    output), so backward scales it in place and gives it away: no copy. A second backward through the
+    same graph (``retain_graph=True``) therefore raises instead of reusing a buffer the caller may
+    have changed.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: Tensor, module: TorchForceField, scale: float) -> Tensor:
         need_grad = bool(ctx.needs_input_grad[0])
         energy, grad = module._evaluate(module._prepare(x), module.terms, need_grad, scale)
         if need_grad:
-            ctx.save_for_backward(grad)
+            ctx.grad = grad
             ctx.input_dtype = x.dtype
         return energy
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_energy: Tensor) -> tuple[Tensor, None, None]:
-        (grad,) = ctx.saved_tensors
+        grad, ctx.grad = ctx.grad, None
+        if grad is None:
+            raise RuntimeError("TorchForceField: backward through the same energy evaluation twice is not "
+                               "supported; evaluate the energy again")
         grad_energy = grad_energy.to(grad.dtype)
         if grad.device.type == "cpu":
-            # In numpy: single-threaded, so no OpenMP pool to wake for a light pass over memory.
+            # numpy: single-threaded, so no OpenMP pool to wake for one light pass over memory.
             weights = grad_energy.numpy()
             if weights.ndim == 1 and weights.strides[0] == 0:
                 weights = weights[:1]  # one weight broadcast over the batch (u.sum(), u.mean())
-            scaled = torch.from_numpy(grad.numpy() * weights[:, None])
+            if not (weights.shape == (1,) and weights[0] == 1.0):
+                np.multiply(grad.numpy(), weights[:, None], out=grad.numpy())
         else:
-            scaled = grad * grad_energy.unsqueeze(1)
-        return scaled.to(ctx.input_dtype), None, None
+            grad.mul_(grad_energy.unsqueeze(1))
+        return grad.to(ctx.input_dtype), None, None
 
 
 @dataclass(frozen=True)
