@@ -12,8 +12,8 @@ CPU in float64: the fused C kernel) and, for reference, with its eager torch cod
 
 The machines here are shared and noisy, so each measurement is ``--rounds`` windows of
 ``seconds / rounds``, torch and OpenMM taking turns window by window (the eager reference is timed
-after them); the table gives each backend's median rate and the ratio of the medians. Prints the table, and optionally writes it (with every
-window's rate) as JSON.
+after them); the table gives each backend's median rate and the ratio of the medians. Prints the
+table, and optionally writes it (with every window's rate) as JSON.
 """
 
 from __future__ import annotations  # noqa: I001 - boltzgen is imported first, on purpose

@@ -136,7 +136,8 @@ def test_disabled_by_environment(fresh_loader: Path, monkeypatch: pytest.MonkeyP
 
 def test_missing_compiler_falls_back(fresh_loader: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("CC", str(fresh_loader / "no-such-cc"))
-    assert native.load_kernel() is None
+    with pytest.warns(RuntimeWarning, match="eager torch"):
+        assert native.load_kernel() is None
     reason = native.unavailable_reason() or ""
     assert "no C compiler" in reason and "no-such-cc" in reason
 
@@ -146,7 +147,8 @@ def test_failing_compiler_reports_its_error(fresh_loader: Path, monkeypatch: pyt
     compiler.write_text("#!/bin/sh\necho 'ffkernel.c:1: error: out of ink' >&2\nexit 1\n")
     compiler.chmod(0o755)
     monkeypatch.setenv("CC", str(compiler))
-    assert native.load_kernel() is None
+    with pytest.warns(RuntimeWarning, match="out of ink"):
+        assert native.load_kernel() is None
     assert "out of ink" in (native.unavailable_reason() or "")
     assert not list(fresh_loader.glob("*.so"))  # nothing half-written left in the cache
 
@@ -162,3 +164,14 @@ def test_builds_into_the_cache_and_reuses_it(fresh_loader: Path) -> None:
     native._library = None  # a second process: finds the cached build, compiles nothing
     assert native.load_kernel() is not None
     assert built[0].stat().st_mtime_ns == stamp and len(list(fresh_loader.glob("ffkernel-*.so"))) == 1
+
+
+@pytest.mark.usefixtures("kernel")
+def test_kernel_refuses_wrong_input(alanine: tuple[openmm.System, torch.Tensor]) -> None:
+    system, base = alanine
+    ff = TorchForceField(system, TEMPERATURE_K)
+    params = ff._kernel_parameters(tuple(ff.terms))
+    library = native.load_kernel()
+    for bad in (base.float(), base[:, :-3], base.reshape(-1)):
+        with pytest.raises(ValueError, match="float64 CPU positions"):
+            native.energy_and_grad(library, params, bad, True)

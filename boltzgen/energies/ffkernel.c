@@ -266,7 +266,8 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
     for (int64_t t = 0; t < np; t++) {
         const double *pi = P + 3 * ii[t] * BLOCK, *pj = P + 3 * jj[t] * BLOCK;
         double *ti = T + ii[t] * BLOCK, *tj = T + jj[t] * BLOCK;
-        const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t], rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
+        const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t];
+        const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
             double dx = pj[c] - pi[c], dy = pj[BLOCK + c] - pi[BLOCK + c], dz = pj[2 * BLOCK + c] - pi[2 * BLOCK + c];
@@ -329,7 +330,8 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
         const double *pi = P + 3 * ii[t] * BLOCK, *pj = P + 3 * jj[t] * BLOCK;
         double *gi = G + 3 * ii[t] * BLOCK, *gj = G + 3 * jj[t] * BLOCK;
         const double *ti = T + ii[t] * BLOCK, *tj = T + jj[t] * BLOCK;
-        const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t], rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
+        const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t];
+        const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
             double dx = pj[c] - pi[c], dy = pj[BLOCK + c] - pi[BLOCK + c], dz = pj[2 * BLOCK + c] - pi[2 * BLOCK + c];

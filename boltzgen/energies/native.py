@@ -1,4 +1,4 @@
-"""The fused CPU kernel of the torch force field (``ffkernel.c``): compiled at first use, called via ctypes.
+"""The fused CPU kernel of the torch force field (``ffkernel.c``), compiled at first use.
 
 Eager torch pays a pass over memory and a dispatch per op, so on a CPU the force field is bound by
 memory traffic, not arithmetic. ``ffkernel.c`` evaluates bonds, angles, torsions, the non-bonded
@@ -7,8 +7,9 @@ pairs and OBC of a block of configurations in one pass, in float64, with the sam
 
 The source is compiled with the system C compiler (``$CC``, else ``cc``) into a shared library cached
 under ``$BOLTZGEN_CACHE_DIR`` (default ``~/.cache/boltzgen``), keyed by the source, the flags and the
-CPU. Without a compiler, or with ``BOLTZGEN_NATIVE=0``, :func:`load_kernel` returns ``None`` and the
-force field runs in eager torch; the reason is in :func:`unavailable_reason`.
+CPU, and called through ctypes. Without a compiler, or with ``BOLTZGEN_NATIVE=0``, :func:`load_kernel`
+returns ``None`` and the force field runs in eager torch; the reason is in :func:`unavailable_reason`,
+and a failed build also warns once (eager torch is 15-25x slower).
 
 Batches are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL during the call),
 at whole kernel blocks, so the number of threads changes no bit of the result.
@@ -23,6 +24,7 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -67,6 +69,7 @@ class FFParams(ctypes.Structure):
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
 _pool: ThreadPoolExecutor | None = None
+_pool_size = 0
 
 
 def _cache_dir() -> Path:
@@ -119,14 +122,18 @@ def _build() -> ctypes.CDLL:
             if error is not None:
                 errors.append(error)
                 continue
-        library = ctypes.CDLL(str(target))
+        try:
+            library = ctypes.CDLL(str(target))
+        except OSError as error:  # e.g. a library the build linked is missing at run time
+            errors.append(str(error))
+            continue
         # Arrays are passed as addresses (ints from Tensor.data_ptr()): cheaper than casting pointers.
         library.ff_energy_grad.argtypes = [ctypes.POINTER(FFParams), ctypes.c_int64, ctypes.c_double,
                                            ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
         library.ff_energy_grad.restype = ctypes.c_int
         library.ff_block_size.restype = ctypes.c_int64
         return library
-    raise RuntimeError(f"compiling {SOURCE.name} failed: {errors[-1]}")
+    raise RuntimeError(f"building {SOURCE.name} failed: {errors[-1]}")
 
 
 def load_kernel() -> ctypes.CDLL | None:
@@ -141,6 +148,8 @@ def load_kernel() -> ctypes.CDLL | None:
         _library = _build()
     except (OSError, RuntimeError, subprocess.SubprocessError) as error:
         _reason = str(error)
+        warnings.warn(f"boltzgen: the force-field C kernel is unavailable ({_reason}); the torch energy runs in "
+                      "eager torch, 15-25x slower", RuntimeWarning, stacklevel=2)
     return _library
 
 
@@ -211,7 +220,10 @@ def energy_and_grad(library: ctypes.CDLL, params: KernelParameters, x: Tensor, n
     ``x`` is ``[batch, 3 n_atoms]``, float64 on the CPU, in nm; with ``scale = 1`` the results are in
     kJ/mol and kJ/mol/nm, with ``scale = 1/kT`` in kT and kT/nm.
     """
-    global _pool
+    global _pool, _pool_size
+    if x.dtype != torch.float64 or x.device.type != "cpu" or x.ndim != 2 or x.shape[1] != 3 * params.n_atoms:
+        raise ValueError(f"the force-field kernel takes float64 CPU positions [batch, {3 * params.n_atoms}], "
+                         f"got {x.dtype} on {x.device} with shape {list(x.shape)}")
     x = x.contiguous()
     n_b, dim = x.shape
     energy = torch.empty(n_b, dtype=torch.float64)
@@ -234,8 +246,8 @@ def energy_and_grad(library: ctypes.CDLL, params: KernelParameters, x: Tensor, n
         status = [run(0, n_b)]
     else:
         # The calling thread takes the first share itself: one thread fewer to wake.
-        if _pool is None or _pool._max_workers < n_threads - 1:  # noqa: SLF001 - grow the pool only when needed
-            _pool = ThreadPoolExecutor(max_workers=n_threads - 1, thread_name_prefix="boltzgen-ffkernel")
+        if _pool is None or _pool_size < n_threads - 1:
+            _pool, _pool_size = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="boltzgen-ffkernel"), n_threads - 1
         others = [_pool.submit(run, bounds[k], bounds[k + 1]) for k in range(1, n_threads)]
         status = [run(bounds[0], bounds[1])] + [future.result() for future in others]
     if any(s != 0 for s in status):

@@ -25,11 +25,11 @@ Units: positions in nm, energies in kJ/mol (``energy_kJ``) or kT (``reduced_ener
 kJ/mol/nm.
 
 On the CPU in float64, every term runs in a fused C kernel (:mod:`boltzgen.energies.native`,
-compiled at first use; about 15x faster than the eager code below on alanine dipeptide). Without a C
+compiled at first use; 15-25x faster than the eager code below on alanine dipeptide). Without a C
 compiler, on CUDA, in float32 or with ``native=False``, every term runs in eager torch.
 
-Performance notes on the eager code (CPU, measured on alanine dipeptide): every torch op is a pass over memory plus a
-fixed dispatch cost, so the terms are written for few ops per row: the batch is the innermost axis
+Performance notes on the eager code (CPU, measured on alanine dipeptide): every torch op is a pass
+over memory plus a fixed dispatch cost, so the terms are written for few ops per row: the batch is the innermost axis
 (gathers and scatters move contiguous rows), each term runs in cache-sized blocks of its own,
 non-bonded and OBC share one pair list (one gather, one scatter), torsions sharing atoms are one
 Chebyshev polynomial in cos(phi) (no atan2/sin/cos), and masks (``torch.where``, ~10 passes each)
@@ -73,8 +73,6 @@ ENERGY_ABS_TOL_KJ: float = 1e-4
 FORCE_ABS_TOL_KJ_NM: float = 1e-4
 
 _IGNORED_FORCES = ("CMMotionRemover",)
-# The terms the fused CPU kernel (ffkernel.c) evaluates: all of them.
-_KERNEL_TERMS = ("bonds", "angles", "torsions", "nonbonded", "gbsa_obc")
 
 # Bound on (configurations x rows) handled at once, so a big molecule shrinks the batch block.
 _MAX_BLOCK_ELEMENTS = 1 << 23
@@ -209,7 +207,8 @@ class TorchForceField(Energy):
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.native = native
-        # Kernel parameter blocks by the tuple of terms they cover; built on first use, not state.
+        # Kernel parameter blocks by the tuple of terms they cover (all, or one for energy_terms_kJ);
+        # built on first use, not state.
         self._kernel_params: dict[tuple[str, ...], native_kernel.KernelParameters] = {}
         # (device, dtype) -> uses_native_kernel(), decided once per placement of the buffers.
         self._native_decision: tuple[tuple[torch.device, torch.dtype], bool] | None = None
@@ -663,7 +662,7 @@ class TorchForceField(Energy):
                 raise RuntimeError(f"the force-field C kernel is unavailable: {native_kernel.unavailable_reason()}; "
                                    "install a C compiler (or set CC), or use native=False")
             return False
-        return any(term in _KERNEL_TERMS for term in self.terms)
+        return bool(self.terms)
 
     def _kernel_parameters(self, terms: tuple[str, ...]) -> native_kernel.KernelParameters:
         if terms not in self._kernel_params:
@@ -700,11 +699,10 @@ class TorchForceField(Energy):
         out (small, cache-resident copies, unlike one transpose of the whole batch).
         """
         n_b = x.shape[0]
-        kernel_terms = tuple(t for t in terms if t in _KERNEL_TERMS) if self.uses_native_kernel() else ()
-        if kernel_terms:
+        if self.uses_native_kernel():
             library = native_kernel.load_kernel()
             assert library is not None
-            return native_kernel.energy_and_grad(library, self._kernel_parameters(kernel_terms), x, need_grad, scale)
+            return native_kernel.energy_and_grad(library, self._kernel_parameters(tuple(terms)), x, need_grad, scale)
         energy = x.new_zeros(n_b)
         grad = x.new_zeros(n_b, self.dim) if need_grad else None
         for stage, rows in self._stages(terms):
