@@ -60,6 +60,8 @@ typedef struct {
 #define OBC_ALPHA 1.0
 #define OBC_BETA 0.8
 #define OBC_GAMMA 4.85
+/* Up to this many pairs (2 x 64 x 8 bytes each: 1 MiB), the descreening derivatives are kept. */
+#define OBC_CACHED_PAIRS 1024
 
 /* The smallest positive normal double: floors of r^2 that keep coincident atoms finite (as in torchff). */
 static const double TINY = 2.2250738585072014e-308;
@@ -256,8 +258,10 @@ static inline void obc_descreen(double r, double r2, double inv_r, double inv_r2
     *dterm2 = dl2 + inv_r2 * inner2;
 }
 
-/* OBC energy and gradient; scratch is [4][n_atoms][BLOCK]. */
-static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, double *E, double *scratch) {
+/* OBC energy and gradient; scratch is [4][n_atoms][BLOCK]; dcache, when not NULL, is [n_pairs][2][BLOCK]
+ * and keeps pass 1's descreening derivatives for the gradient pass. */
+static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, double *E, double *scratch,
+                     double *dcache) {
     const int64_t na = p->n_atoms, np = p->n_pairs;
     const int64_t *ii = p->pair_idx, *jj = p->pair_idx + np;
     /* T: sum of descreening terms, later -2 dU/dterm; B: Born radius; K: dB/dterm; D: -2 dU/dB. */
@@ -266,6 +270,7 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
     for (int64_t t = 0; t < np; t++) {
         const double *pi = P + 3 * ii[t] * BLOCK, *pj = P + 3 * jj[t] * BLOCK;
         double *ti = T + ii[t] * BLOCK, *tj = T + jj[t] * BLOCK;
+        double *dc = dcache != NULL ? dcache + 2 * t * BLOCK : NULL;
         const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t];
         const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
 #pragma omp simd
@@ -275,8 +280,10 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
             double r = r2 * inv_r, inv_r2 = inv_r * inv_r, term, dterm2;
             obc_descreen(r, r2, inv_r, inv_r2, rho_i, s_j, &term, &dterm2);
             ti[c] += term;
+            if (dc != NULL) dc[c] = dterm2;
             obc_descreen(r, r2, inv_r, inv_r2, rho_j, s_i, &term, &dterm2);
             tj[c] += term;
+            if (dc != NULL) dc[BLOCK + c] = dterm2;
         }
     }
     for (int64_t a = 0; a < na; a++) {
@@ -330,6 +337,19 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
         const double *pi = P + 3 * ii[t] * BLOCK, *pj = P + 3 * jj[t] * BLOCK;
         double *gi = G + 3 * ii[t] * BLOCK, *gj = G + 3 * jj[t] * BLOCK;
         const double *ti = T + ii[t] * BLOCK, *tj = T + jj[t] * BLOCK;
+        if (dcache != NULL) {
+            const double *dc = dcache + 2 * t * BLOCK;
+#pragma omp simd
+            for (int64_t c = 0; c < n; c++) {
+                double dx = pj[c] - pi[c], dy = pj[BLOCK + c] - pi[BLOCK + c];
+                double dz = pj[2 * BLOCK + c] - pi[2 * BLOCK + c];
+                double inv_r = 1.0 / sqrt(dx * dx + dy * dy + dz * dz);
+                double h = -0.25 * (dc[c] * ti[c] + dc[BLOCK + c] * tj[c]) * inv_r;
+                gi[c] += h * dx; gi[BLOCK + c] += h * dy; gi[2 * BLOCK + c] += h * dz;
+                gj[c] -= h * dx; gj[BLOCK + c] -= h * dy; gj[2 * BLOCK + c] -= h * dz;
+            }
+            continue;
+        }
         const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t];
         const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
 #pragma omp simd
@@ -360,10 +380,16 @@ int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const doubl
     double *P = malloc(sizeof(double) * dim * BLOCK);
     double *G = malloc(sizeof(double) * dim * BLOCK);
     double *scratch = p->obc_rho != NULL ? malloc(sizeof(double) * 4 * p->n_atoms * BLOCK) : NULL;
+    /* The descreening derivatives of pass 1, kept for the gradient pass where they fit in cache
+     * (small molecules); larger ones recompute them and keep memory bounded. */
+    const int cache_obc = p->obc_rho != NULL && p->n_pairs <= OBC_CACHED_PAIRS;
+    /* NULL also where the allocation fails: then the gradient pass recomputes them. */
+    double *dcache = cache_obc ? malloc(sizeof(double) * 2 * p->n_pairs * BLOCK) : NULL;
     if (P == NULL || G == NULL || (p->obc_rho != NULL && scratch == NULL)) {
         free(P);
         free(G);
         free(scratch);
+        free(dcache);
         return -1;
     }
     double E[BLOCK];
@@ -378,7 +404,7 @@ int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const doubl
         if (p->n_angles) angles(p, n, P, G, E);
         if (p->n_torsions) torsions(p, n, P, G, E);
         if (p->n_pairs && p->pair_qq != NULL) nonbonded(p, n, P, G, E);
-        if (p->n_pairs && p->obc_rho != NULL) gbsa_obc(p, n, P, G, E, scratch);
+        if (p->n_pairs && p->obc_rho != NULL) gbsa_obc(p, n, P, G, E, scratch, dcache);
         for (int64_t c = 0; c < n; c++) energy[start + c] = scale * E[c];
         if (grad != NULL) {
             double *gb = grad + start * dim;
@@ -389,5 +415,6 @@ int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const doubl
     free(P);
     free(G);
     free(scratch);
+    free(dcache);
     return 0;
 }
