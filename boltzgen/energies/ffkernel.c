@@ -258,6 +258,18 @@ static inline void obc_descreen(double r, double r2, double inv_r, double inv_r2
     *dterm2 = dl2 + inv_r2 * inner2;
 }
 
+/* Both orders of the descreening of pair (i, j) in configuration c: i's term and dterm2 (by j's
+ * sphere) and j's (by i's), and the distance's reciprocal. */
+static inline double obc_pair(const double *pi, const double *pj, int64_t c, double rho_i, double s_j, double rho_j,
+                              double s_i, double *term_i, double *dterm2_i, double *term_j, double *dterm2_j) {
+    double dx = pj[c] - pi[c], dy = pj[BLOCK + c] - pi[BLOCK + c], dz = pj[2 * BLOCK + c] - pi[2 * BLOCK + c];
+    double r2 = dx * dx + dy * dy + dz * dz, inv_r = 1.0 / sqrt(r2);
+    double r = r2 * inv_r, inv_r2 = inv_r * inv_r;
+    obc_descreen(r, r2, inv_r, inv_r2, rho_i, s_j, term_i, dterm2_i);
+    obc_descreen(r, r2, inv_r, inv_r2, rho_j, s_i, term_j, dterm2_j);
+    return inv_r;
+}
+
 /* OBC energy and gradient; scratch is [4][n_atoms][BLOCK]; dcache, when not NULL, is [n_pairs][2][BLOCK]
  * and keeps pass 1's descreening derivatives for the gradient pass. */
 static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, double *E, double *scratch,
@@ -275,15 +287,14 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
         const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
-            double dx = pj[c] - pi[c], dy = pj[BLOCK + c] - pi[BLOCK + c], dz = pj[2 * BLOCK + c] - pi[2 * BLOCK + c];
-            double r2 = dx * dx + dy * dy + dz * dz, inv_r = 1.0 / sqrt(r2);
-            double r = r2 * inv_r, inv_r2 = inv_r * inv_r, term, dterm2;
-            obc_descreen(r, r2, inv_r, inv_r2, rho_i, s_j, &term, &dterm2);
-            ti[c] += term;
-            if (dc != NULL) dc[c] = dterm2;
-            obc_descreen(r, r2, inv_r, inv_r2, rho_j, s_i, &term, &dterm2);
-            tj[c] += term;
-            if (dc != NULL) dc[BLOCK + c] = dterm2;
+            double term_i, dterm2_i, term_j, dterm2_j;
+            obc_pair(pi, pj, c, rho_i, s_j, rho_j, s_i, &term_i, &dterm2_i, &term_j, &dterm2_j);
+            ti[c] += term_i;
+            tj[c] += term_j;
+            if (dc != NULL) {
+                dc[c] = dterm2_i;
+                dc[BLOCK + c] = dterm2_j;
+            }
         }
     }
     for (int64_t a = 0; a < na; a++) {
@@ -354,11 +365,9 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
         const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
+            double term_i, dterm2_i, term_j, dterm2_j;
+            double inv_r = obc_pair(pi, pj, c, rho_i, s_j, rho_j, s_i, &term_i, &dterm2_i, &term_j, &dterm2_j);
             double dx = pj[c] - pi[c], dy = pj[BLOCK + c] - pi[BLOCK + c], dz = pj[2 * BLOCK + c] - pi[2 * BLOCK + c];
-            double r2 = dx * dx + dy * dy + dz * dz, inv_r = 1.0 / sqrt(r2);
-            double r = r2 * inv_r, inv_r2 = inv_r * inv_r, term, dterm2_i, dterm2_j;
-            obc_descreen(r, r2, inv_r, inv_r2, rho_i, s_j, &term, &dterm2_i);
-            obc_descreen(r, r2, inv_r, inv_r2, rho_j, s_i, &term, &dterm2_j);
             double h = -0.25 * (dterm2_i * ti[c] + dterm2_j * tj[c]) * inv_r;
             gi[c] += h * dx; gi[BLOCK + c] += h * dy; gi[2 * BLOCK + c] += h * dz;
             gj[c] -= h * dx; gj[BLOCK + c] -= h * dy; gj[2 * BLOCK + c] -= h * dz;
