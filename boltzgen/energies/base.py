@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -23,6 +24,17 @@ class Energy(nn.Module, ABC):
     the result is ``[batch]`` float64, dimensionless. A NaN or inf result is returned as is: callers
     handle it by the rule in DESIGN.md (weight 0, counted), never by replacing it here.
     """
+
+    #: Attributes that hold runtime resources, not state (OpenMM contexts, worker pools, raw
+    #: pointers), with a factory of their fresh value: copies and pickles start from that and
+    #: rebuild the resource on first use.
+    _runtime_attributes: ClassVar[dict[str, Callable[[], Any]]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(super().__getstate__())
+        for name, fresh in self._runtime_attributes.items():
+            state[name] = fresh()
+        return state
 
     def _save_to_state_dict(self, destination: dict, prefix: str, keep_vars: bool) -> None:
         """Nothing: an energy is rebuilt from its config, so its constants stay out of checkpoints,

@@ -21,11 +21,11 @@ import subprocess
 import sys
 import time
 import weakref
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import mdtraj
 import numpy as np
@@ -456,6 +456,8 @@ class OpenMMEnergy(Energy):
     starting structure and keep the fastest (:attr:`platform_name`, :attr:`platform_timings_s`).
     """
 
+    _runtime_attributes: ClassVar[dict[str, Callable[[], Any]]] = {"_context": lambda: None, "_pool": lambda: None}
+
     def __init__(self, system: MolecularSystem, platform: str = "auto", n_workers: int = 1,
                  platform_properties: Mapping[str, str] | None = None, auto_evaluations: int = 200) -> None:
         super().__init__(3 * system.n_atoms)
@@ -479,14 +481,6 @@ class OpenMMEnergy(Energy):
             raise ValueError(f"unknown OpenMM platform {platform!r}; available here: {', '.join(available)} or 'auto'")
         self._context: openmm.Context | None = None
         self._pool: _WorkerPool | None = None
-
-    # Runtime resources are not state: copies and pickles rebuild them on first use.
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__.copy()
-        state = dict(state)
-        state["_context"] = None
-        state["_pool"] = None
-        return state
 
     def reduced_energy(self, x: Tensor) -> Tensor:
         need_forces = torch.is_grad_enabled() and x.requires_grad

@@ -42,7 +42,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import openmm
@@ -200,6 +200,9 @@ class TorchForceField(Energy):
     The default dtype is float64; ``module.to(torch.float32)`` switches the computation to float32.
     """
 
+    # The kernel parameters hold raw pointers.
+    _runtime_attributes: ClassVar[dict[str, Callable[[], Any]]] = {"_kernel_params": dict}
+
     def __init__(self, system: openmm.System, temperature_K: float, chunk_size: int = 4096,
                  native: bool | None = None) -> None:
         n_atoms = system.getNumParticles()
@@ -244,12 +247,6 @@ class TorchForceField(Energy):
                     native: bool | None = None) -> "TorchForceField":
         """Same as the constructor; reads for symmetry with other energy factories."""
         return cls(system, temperature_K, chunk_size=chunk_size, native=native)
-
-    def __getstate__(self) -> dict[str, Any]:
-        # The kernel parameters hold raw pointers: copies and pickles rebuild them on first use.
-        state = dict(super().__getstate__() if hasattr(super(), "__getstate__") else self.__dict__)
-        state["_kernel_params"] = {}
-        return state
 
     # ------------------------------------------------------------------ parameter extraction
     def _register(self, name: str, values: np.ndarray | list, dtype: torch.dtype) -> None:
