@@ -10,6 +10,7 @@ import torch
 
 from boltzgen import pipeline
 from boltzgen.config import load_config
+from boltzgen.energies import native
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -41,3 +42,9 @@ def train_tiny_double_well(out_dir: Path, ml_steps: int = 200, mixed_steps: int 
     config, resolved = load_config(ROOT / "systems" / "double_well.yaml", tiny)
     pipeline.train(config, resolved, out_dir, progress=False)
     return out_dir
+
+
+def skip_without_kernel() -> None:
+    """Skip the calling test, with the reason, where the force field's C kernel cannot be built."""
+    if native.load_kernel() is None:
+        pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")

@@ -15,6 +15,7 @@ import numpy as np
 import openmm
 import pytest
 import torch
+from conftest import skip_without_kernel
 from openmm import app, unit
 
 from boltzgen.energies import native
@@ -36,8 +37,7 @@ def alanine(request: pytest.FixtureRequest) -> tuple[openmm.System, torch.Tensor
 
 @pytest.fixture()
 def kernel() -> None:
-    if native.load_kernel() is None:
-        pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")
+    skip_without_kernel()
 
 
 def _batch(base: torch.Tensor, n: int, seed: int = 0, noise: float = 0.02) -> torch.Tensor:

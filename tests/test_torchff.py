@@ -9,9 +9,9 @@ import numpy as np
 import openmm
 import pytest
 import torch
+from conftest import skip_without_kernel
 from openmm import app, unit
 
-from boltzgen.energies import native as native_kernel
 from boltzgen.energies.torchff import (
     ENERGY_ABS_TOL_KJ,
     ENERGY_REL_TOL,
@@ -73,8 +73,8 @@ def system_case(request: pytest.FixtureRequest) -> tuple[str, openmm.System, np.
 @pytest.fixture(params=[False, True], ids=["eager", "kernel"])
 def native(request: pytest.FixtureRequest) -> bool:
     """Both CPU paths: eager torch, and the fused C kernel (skipped, with the reason, where it cannot build)."""
-    if request.param and native_kernel.load_kernel() is None:
-        pytest.skip(f"C kernel unavailable: {native_kernel.unavailable_reason()}")
+    if request.param:
+        skip_without_kernel()
     return request.param
 
 
