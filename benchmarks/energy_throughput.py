@@ -86,7 +86,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="windows the timing is split into, backends alternating")
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="OpenMM worker processes")
     parser.add_argument("--openmm-max-batch", type=int, default=4096,
-                        help="larger batches reuse OpenMM's rate at this size (it is linear in the batch)")
+                        help="OpenMM is timed on at most this many configurations per call, alternating with "
+                             "torch's windows (its rate is linear in the batch)")
     parser.add_argument("--torch-threads", type=int, default=None,
                         help="torch intra-op threads, also the C kernel's threads (default: torch's own)")
     parser.add_argument("--no-eager", action="store_true", help="skip the eager-torch reference column")
