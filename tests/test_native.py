@@ -8,7 +8,9 @@ fallback when it cannot be built.
 from __future__ import annotations
 
 import copy
+import multiprocessing
 import pickle
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -65,19 +67,77 @@ def test_kernel_equals_eager(alanine: tuple[openmm.System, torch.Tensor], n: int
 
 @pytest.mark.usefixtures("kernel")
 def test_thread_split_is_exact(alanine: tuple[openmm.System, torch.Tensor]) -> None:
-    """Configurations are independent, so splitting the batch over threads changes no bit."""
+    """Configurations are independent, so splitting the batch over threads changes no bit; the pool
+    also serves jobs that use fewer threads than it has workers."""
     system, base = alanine
     ff = TorchForceField(system, TEMPERATURE_K)
     x = _batch(base, 1000, seed=1)
     threads = torch.get_num_threads()
+    results = []
     try:
-        torch.set_num_threads(1)
-        one = ff.energy_and_forces_kJ(x)
-        torch.set_num_threads(4)
-        four = ff.energy_and_forces_kJ(x)
+        for n in (1, 4, 2, 3):
+            torch.set_num_threads(n)
+            results.append(ff.energy_and_forces_kJ(x))
     finally:
         torch.set_num_threads(threads)
-    assert torch.equal(one[0], four[0]) and torch.equal(one[1], four[1])
+    for energy, forces in results[1:]:
+        assert torch.equal(results[0][0], energy) and torch.equal(results[0][1], forces)
+
+
+def _energies_in_child(ff: TorchForceField, x: torch.Tensor, out: multiprocessing.SimpleQueue) -> None:
+    torch.set_num_threads(2)
+    out.put(ff.energy_kJ(x).numpy())
+
+
+@pytest.mark.usefixtures("kernel")
+def test_threads_work_in_a_forked_child(alanine: tuple[openmm.System, torch.Tensor]) -> None:
+    """A child forked after the kernel's threads started has none of them; it starts its own."""
+    system, base = alanine
+    ff = TorchForceField(system, TEMPERATURE_K)
+    x = _batch(base, 600, seed=2)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        expected = ff.energy_kJ(x)  # the parent's workers exist from here on
+    finally:
+        torch.set_num_threads(threads)
+    context = multiprocessing.get_context("fork")
+    out = context.SimpleQueue()
+    child = context.Process(target=_energies_in_child, args=(ff, x, out))
+    child.start()
+    child.join(timeout=30)
+    if child.is_alive():
+        child.kill()
+        pytest.fail("the forked child hung in the force-field kernel")
+    assert child.exitcode == 0
+    np.testing.assert_array_equal(out.get(), expected.numpy())
+
+
+@pytest.mark.usefixtures("kernel")
+def test_concurrent_callers_get_their_own_results(alanine: tuple[openmm.System, torch.Tensor]) -> None:
+    """Two Python threads calling at once (ctypes drops the GIL) share the pool one job at a time."""
+    system, base = alanine
+    ff = TorchForceField(system, TEMPERATURE_K)
+    batches = [_batch(base, 500, seed=seed) for seed in (3, 4)]
+    expected = [ff.energy_kJ(x) for x in batches]
+    got: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def evaluate(k: int) -> None:
+        for _ in range(20):
+            got[k].append(ff.energy_kJ(batches[k]))
+
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        callers = [threading.Thread(target=evaluate, args=(k,)) for k in (0, 1)]
+        for caller in callers:
+            caller.start()
+        for caller in callers:
+            caller.join()
+    finally:
+        torch.set_num_threads(threads)
+    for k in (0, 1):
+        assert len(got[k]) == 20 and all(torch.equal(energy, expected[k]) for energy in got[k])
 
 
 @pytest.mark.usefixtures("kernel")

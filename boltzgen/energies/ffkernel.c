@@ -12,6 +12,9 @@
  * Units: nm, kJ/mol, kJ/mol/nm.
  */
 #include <math.h>
+#include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
@@ -426,4 +429,95 @@ int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const doubl
     free(scratch);
     free(dcache);
     return 0;
+}
+
+/* ------------------------------------------------------------------ threads
+ * A batch is split over threads at whole blocks (so no bit depends on the split). The pool lives
+ * here, not in Python: one call, and no interpreter lock to pass between threads (a Python thread
+ * pool cost about 0.3 ms per call). */
+#define MAX_THREADS 256
+
+typedef struct {
+    const ff_params *p;
+    int64_t n_conf, n_blocks;
+    double scale;
+    const double *x;
+    double *energy, *grad;
+    int n_threads;
+} ff_job;
+
+static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
+static pthread_mutex_t wake_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t wake_cond = PTHREAD_COND_INITIALIZER;
+static atomic_uint generation; /* bumped for every job */
+static atomic_int remaining;   /* workers that have not finished with the job */
+static atomic_int failures;
+static int n_workers;          /* started; worker k (1-based) takes share k */
+static unsigned first_generation[MAX_THREADS]; /* generation when worker k was started */
+static ff_job job;
+
+static int run_share(const ff_job *j, int k) {
+    const int64_t dim = 3 * j->p->n_atoms;
+    int64_t start = (k * j->n_blocks / j->n_threads) * BLOCK, stop = ((k + 1) * j->n_blocks / j->n_threads) * BLOCK;
+    if (stop > j->n_conf) stop = j->n_conf;
+    if (start >= stop) return 0;
+    return ff_energy_grad(j->p, stop - start, j->scale, j->x + start * dim, j->energy + start,
+                          j->grad != NULL ? j->grad + start * dim : NULL);
+}
+
+static void *worker_main(void *arg) {
+    const int k = (int)(intptr_t)arg;
+    unsigned seen = first_generation[k]; /* not generation: the job may be posted before this runs */
+    for (;;) {
+        pthread_mutex_lock(&wake_lock);
+        while (atomic_load(&generation) == seen) pthread_cond_wait(&wake_cond, &wake_lock);
+        seen = atomic_load(&generation);
+        pthread_mutex_unlock(&wake_lock);
+        /* Every worker acknowledges every job, so none is still reading this job when the next is set. */
+        if (k < job.n_threads && run_share(&job, k) != 0) atomic_fetch_add(&failures, 1);
+        atomic_fetch_sub_explicit(&remaining, 1, memory_order_release);
+    }
+    return NULL;
+}
+
+/* In a forked child the workers do not exist: start afresh. */
+static void forget_workers(void) {
+    n_workers = 0;
+    pthread_mutex_init(&call_lock, NULL);
+    pthread_mutex_init(&wake_lock, NULL);
+    pthread_cond_init(&wake_cond, NULL);
+}
+
+/* ff_energy_grad over n_threads threads (the caller and n_threads - 1 workers), the batch split at
+ * whole blocks. Fewer threads are used where workers cannot be started. Returns as ff_energy_grad. */
+int ff_energy_grad_threads(const ff_params *p, int64_t n_conf, double scale, const double *x, double *energy,
+                           double *grad, int n_threads) {
+    const int64_t n_blocks = (n_conf + BLOCK - 1) / BLOCK;
+    if (n_threads > MAX_THREADS) n_threads = MAX_THREADS;
+    if (n_threads > n_blocks) n_threads = (int)n_blocks;
+    if (n_threads <= 1) return ff_energy_grad(p, n_conf, scale, x, energy, grad);
+    pthread_mutex_lock(&call_lock);
+    static int atfork_registered;
+    if (!atfork_registered) atfork_registered = pthread_atfork(NULL, NULL, forget_workers) == 0;
+    while (n_workers < n_threads - 1) {
+        pthread_t thread;
+        first_generation[n_workers + 1] = atomic_load(&generation);
+        if (pthread_create(&thread, NULL, worker_main, (void *)(intptr_t)(n_workers + 1)) != 0) break;
+        pthread_detach(thread);
+        n_workers++;
+    }
+    if (n_threads > n_workers + 1) n_threads = n_workers + 1;
+    job = (ff_job){p, n_conf, n_blocks, scale, x, energy, grad, n_threads};
+    atomic_store(&failures, 0);
+    atomic_store(&remaining, n_workers);
+    pthread_mutex_lock(&wake_lock);
+    atomic_fetch_add_explicit(&generation, 1, memory_order_release);
+    pthread_cond_broadcast(&wake_cond);
+    pthread_mutex_unlock(&wake_lock);
+    int status = run_share(&job, 0);
+    /* The workers' shares are as long as this one: they finish about now. */
+    while (atomic_load_explicit(&remaining, memory_order_acquire) > 0) sched_yield();
+    if (atomic_load(&failures) > 0) status = -1;
+    pthread_mutex_unlock(&call_lock);
+    return status;
 }

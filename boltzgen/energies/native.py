@@ -11,8 +11,9 @@ CPU, and called through ctypes. Without a compiler, or with ``BOLTZGEN_NATIVE=0`
 returns ``None`` and the force field runs in eager torch; the reason is in :func:`unavailable_reason`,
 and a failed build also warns once (eager torch is 15-25x slower).
 
-Batches are split over ``torch.get_num_threads()`` threads (ctypes releases the GIL during the call),
-at whole kernel blocks, so the number of threads changes no bit of the result.
+Batches are split over ``torch.get_num_threads()`` threads at whole kernel blocks, so the number of
+threads changes no bit of the result. The threads are the kernel's own (a pthread pool in
+ffkernel.c; ctypes releases the GIL for the call).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import shutil
 import subprocess
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -35,13 +35,14 @@ from torch import Tensor
 SOURCE = Path(__file__).with_name("ffkernel.c")
 # -fno-math-errno and -fno-trapping-math let sqrt and the clamps vectorize and change no result;
 # no -ffast-math, which would. -z defs makes a missing symbol (libmvec's atan2) a build error.
-_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd", "-Wl,-z,defs"]
+_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",
+               "-Wl,-z,defs"]
 # Tried in order, the first that builds wins: this CPU's vector units with glibc's vector atan2,
 # without it, and a portable build.
 _VARIANTS = [
-    (["-march=native", "-DFF_LIBMVEC"], ["-lmvec", "-lm"]),
-    (["-march=native"], ["-lm"]),
-    ([], ["-lm"]),
+    (["-march=native", "-DFF_LIBMVEC"], ["-lmvec", "-lm", "-lpthread"]),
+    (["-march=native"], ["-lm", "-lpthread"]),
+    ([], ["-lm", "-lpthread"]),
 ]
 # Fewer configurations per thread than this are not worth a second thread.
 _MIN_PER_THREAD = 128
@@ -68,8 +69,6 @@ class FFParams(ctypes.Structure):
 
 _library: ctypes.CDLL | None = None
 _reason: str | None = None
-_pool: ThreadPoolExecutor | None = None
-_pool_size = 0
 
 
 def _cache_dir() -> Path:
@@ -128,9 +127,9 @@ def _build() -> ctypes.CDLL:
             errors.append(str(error))
             continue
         # Arrays are passed as addresses (ints from Tensor.data_ptr()): cheaper than casting pointers.
-        library.ff_energy_grad.argtypes = [ctypes.POINTER(FFParams), ctypes.c_int64, ctypes.c_double,
-                                           ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-        library.ff_energy_grad.restype = ctypes.c_int
+        library.ff_energy_grad_threads.argtypes = [ctypes.POINTER(FFParams), ctypes.c_int64, ctypes.c_double,
+                                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+        library.ff_energy_grad_threads.restype = ctypes.c_int
         library.ff_block_size.restype = ctypes.c_int64
         return library
     raise RuntimeError(f"building {SOURCE.name} failed: {errors[-1]}")
@@ -220,37 +219,17 @@ def energy_and_grad(library: ctypes.CDLL, params: KernelParameters, x: Tensor, n
     ``x`` is ``[batch, 3 n_atoms]``, float64 on the CPU, in nm; with ``scale = 1`` the results are in
     kJ/mol and kJ/mol/nm, with ``scale = 1/kT`` in kT and kT/nm.
     """
-    global _pool, _pool_size
     if x.dtype != torch.float64 or x.device.type != "cpu" or x.ndim != 2 or x.shape[1] != 3 * params.n_atoms:
         raise ValueError(f"the force-field kernel takes float64 CPU positions [batch, {3 * params.n_atoms}], "
                          f"got {x.dtype} on {x.device} with shape {list(x.shape)}")
     x = x.contiguous()
-    n_b, dim = x.shape
+    n_b = x.shape[0]
     energy = torch.empty(n_b, dtype=torch.float64)
     grad = torch.empty_like(x) if need_grad else None
     n_threads = max(1, min(torch.get_num_threads(), n_b // _MIN_PER_THREAD))
-    # Split at whole kernel blocks, so the result does not depend on the number of threads.
-    block = int(library.ff_block_size())
-    n_blocks = -(-n_b // block)
-    bounds = [min(n_b, (k * n_blocks // n_threads) * block) for k in range(n_threads + 1)]
-    params_ref = ctypes.byref(params.struct)
-    x_ptr, e_ptr = x.data_ptr(), energy.data_ptr()
-    g_ptr = grad.data_ptr() if grad is not None else None
-
-    def run(start: int, stop: int) -> int:
-        offset = 8 * start * dim  # float64 rows of dim
-        return library.ff_energy_grad(params_ref, stop - start, scale, x_ptr + offset, e_ptr + 8 * start,
-                                      None if g_ptr is None else g_ptr + offset)
-
-    if n_threads == 1:
-        status = [run(0, n_b)]
-    else:
-        # The calling thread takes the first share itself: one thread fewer to wake.
-        if _pool is None or _pool_size < n_threads - 1:
-            _pool, _pool_size = ThreadPoolExecutor(n_threads - 1, thread_name_prefix="boltzgen-ffkernel"), n_threads - 1
-        others = [_pool.submit(run, bounds[k], bounds[k + 1]) for k in range(1, n_threads)]
-        status = [run(bounds[0], bounds[1])] + [future.result() for future in others]
-    if any(s != 0 for s in status):
+    status = library.ff_energy_grad_threads(ctypes.byref(params.struct), n_b, scale, x.data_ptr(), energy.data_ptr(),
+                                            None if grad is None else grad.data_ptr(), n_threads)
+    if status != 0:
         raise MemoryError("the force-field kernel could not allocate its scratch memory")
     return energy, grad
 
