@@ -387,11 +387,10 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
  * split it at multiples of this, which keeps results independent of the split. */
 int64_t ff_block_size(void) { return BLOCK; }
 
-/* scale times the energy (kJ/mol) of configurations x[n_conf][3 n_atoms] (nm) into energy[n_conf] and,
- * when grad is not NULL, scale times dU/dx (kJ/mol/nm) into grad[n_conf][3 n_atoms]; both are
- * overwritten. scale = 1/kT gives reduced units at no extra pass. Returns 0, or -1 when scratch
- * memory could not be allocated. */
-int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const double *x, double *energy, double *grad) {
+/* Evaluates the blocks of configurations (blocks of BLOCK, counted from x) that it takes from *next,
+ * a counter the threads of a job share, until none is left; see ff_energy_grad for the rest. */
+static int evaluate_blocks(const ff_params *p, int64_t n_conf, double scale, const double *x, double *energy,
+                           double *grad, atomic_llong *next) {
     const int64_t dim = 3 * p->n_atoms;
     double *P = malloc(sizeof(double) * dim * STRIDE);
     double *G = malloc(sizeof(double) * dim * STRIDE);
@@ -409,7 +408,7 @@ int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const doubl
         return -1;
     }
     double E[BLOCK];
-    for (int64_t start = 0; start < n_conf; start += BLOCK) {
+    for (int64_t start; (start = BLOCK * atomic_fetch_add(next, 1)) < n_conf;) {
         const int64_t n = n_conf - start < BLOCK ? n_conf - start : BLOCK;
         const double *xb = x + start * dim;
         for (int64_t c = 0; c < n; c++)
@@ -435,19 +434,31 @@ int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const doubl
     return 0;
 }
 
+/* scale times the energy (kJ/mol) of configurations x[n_conf][3 n_atoms] (nm) into energy[n_conf] and,
+ * when grad is not NULL, scale times dU/dx (kJ/mol/nm) into grad[n_conf][3 n_atoms]; both are
+ * overwritten. scale = 1/kT gives reduced units at no extra pass. Returns 0, or -1 when scratch
+ * memory could not be allocated. One thread. */
+int ff_energy_grad(const ff_params *p, int64_t n_conf, double scale, const double *x, double *energy, double *grad) {
+    atomic_llong next = 0;
+    return evaluate_blocks(p, n_conf, scale, x, energy, grad, &next);
+}
+
 /* ------------------------------------------------------------------ threads
- * A batch is split over threads at whole blocks (so no bit depends on the split). The pool lives
- * here, not in Python: one call, and no interpreter lock to pass between threads (a Python thread
- * pool cost about 0.3 ms per call). */
+ * The threads of a job take blocks from a shared counter until none is left, so a thread that starts
+ * late (waking a sleeping thread takes tens of microseconds here) or runs on a busy core does less,
+ * and no bit depends on who took which block. The pool lives here, not in Python: one call, and no
+ * interpreter lock to pass between threads (a Python thread pool cost 0.1 ms per call, measured
+ * side by side). */
 #define MAX_THREADS 256
 
 typedef struct {
     const ff_params *p;
-    int64_t n_conf, n_blocks;
+    int64_t n_conf;
     double scale;
     const double *x;
     double *energy, *grad;
     int n_threads;
+    atomic_llong next_block;
 } ff_job;
 
 static pthread_mutex_t call_lock = PTHREAD_MUTEX_INITIALIZER; /* one job at a time */
@@ -456,17 +467,12 @@ static pthread_cond_t wake_cond = PTHREAD_COND_INITIALIZER;
 static atomic_uint generation; /* bumped for every job */
 static atomic_int remaining;   /* workers that have not finished with the job */
 static atomic_int failures;
-static int n_workers;          /* started; worker k (1-based) takes share k */
+static int n_workers;          /* started; workers 1 .. n_threads - 1 take part in a job */
 static unsigned first_generation[MAX_THREADS]; /* generation when worker k was started */
 static ff_job job;
 
-static int run_share(const ff_job *j, int k) {
-    const int64_t dim = 3 * j->p->n_atoms;
-    int64_t start = (k * j->n_blocks / j->n_threads) * BLOCK, stop = ((k + 1) * j->n_blocks / j->n_threads) * BLOCK;
-    if (stop > j->n_conf) stop = j->n_conf;
-    if (start >= stop) return 0;
-    return ff_energy_grad(j->p, stop - start, j->scale, j->x + start * dim, j->energy + start,
-                          j->grad != NULL ? j->grad + start * dim : NULL);
+static int run_share(ff_job *j) {
+    return evaluate_blocks(j->p, j->n_conf, j->scale, j->x, j->energy, j->grad, &j->next_block);
 }
 
 static void *worker_main(void *arg) {
@@ -478,7 +484,7 @@ static void *worker_main(void *arg) {
         seen = atomic_load(&generation);
         pthread_mutex_unlock(&wake_lock);
         /* Every worker acknowledges every job, so none is still reading this job when the next is set. */
-        if (k < job.n_threads && run_share(&job, k) != 0) atomic_fetch_add(&failures, 1);
+        if (k < job.n_threads && run_share(&job) != 0) atomic_fetch_add(&failures, 1);
         atomic_fetch_sub_explicit(&remaining, 1, memory_order_release);
     }
     return NULL;
@@ -492,8 +498,8 @@ static void forget_workers(void) {
     pthread_cond_init(&wake_cond, NULL);
 }
 
-/* ff_energy_grad over n_threads threads (the caller and n_threads - 1 workers), the batch split at
- * whole blocks. Fewer threads are used where workers cannot be started. Returns as ff_energy_grad. */
+/* ff_energy_grad over n_threads threads: the caller and n_threads - 1 workers (fewer where workers
+ * cannot be started). Returns as ff_energy_grad. */
 int ff_energy_grad_threads(const ff_params *p, int64_t n_conf, double scale, const double *x, double *energy,
                            double *grad, int n_threads) {
     const int64_t n_blocks = (n_conf + BLOCK - 1) / BLOCK;
@@ -511,15 +517,15 @@ int ff_energy_grad_threads(const ff_params *p, int64_t n_conf, double scale, con
         n_workers++;
     }
     if (n_threads > n_workers + 1) n_threads = n_workers + 1;
-    job = (ff_job){p, n_conf, n_blocks, scale, x, energy, grad, n_threads};
+    job = (ff_job){p, n_conf, scale, x, energy, grad, n_threads, 0};
     atomic_store(&failures, 0);
     atomic_store(&remaining, n_workers);
     pthread_mutex_lock(&wake_lock);
     atomic_fetch_add_explicit(&generation, 1, memory_order_release);
     pthread_cond_broadcast(&wake_cond);
     pthread_mutex_unlock(&wake_lock);
-    int status = run_share(&job, 0);
-    /* The workers' shares are as long as this one: they finish about now. */
+    int status = run_share(&job);
+    /* Every block is taken: the workers finish their last one about now. */
     while (atomic_load_explicit(&remaining, memory_order_acquire) > 0) sched_yield();
     if (atomic_load(&failures) > 0) status = -1;
     pthread_mutex_unlock(&call_lock);
