@@ -2,7 +2,7 @@
 
 Usage::
 
-    python benchmarks/energy_throughput.py [--batches 1 16 256 1024] [--device cpu|cuda]
+    python benchmarks/energy_throughput.py [--systems alanine-vacuum] [--batches 1 16 256 1024] [--device cpu|cuda]
         [--seconds 2] [--rounds 5] [--workers N] [--torch-threads N] [--no-eager] [--json FILE]
 
 Systems: alanine dipeptide in vacuum (amber14-all) and with Amber ff96 + OBC (GBSAOBCForce). OpenMM
@@ -80,6 +80,7 @@ def _energy_and_grad(energy: torch.nn.Module, x: torch.Tensor) -> Callable[[], N
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--systems", nargs="+", choices=list(SYSTEMS), default=list(SYSTEMS))
     parser.add_argument("--batches", type=int, nargs="+", default=DEFAULT_BATCHES)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seconds", type=float, default=2.0, help="timing per backend and measurement")
@@ -102,8 +103,8 @@ def main() -> None:
           f"c_kernel={'yes' if kernel else 'no (' + str(native.unavailable_reason()) + ')'} rounds={args.rounds}")
     print(f"{'system':<18} {'batch':>6} {'torch evals/s':>14} {'eager evals/s':>14} {'openmm evals/s':>15} "
           f"{'torch/openmm':>13} {'torch/eager':>12}")
-    for name, forcefield in SYSTEMS.items():
-        molecule = build_system(PDB, forcefield, 300.0)
+    for name in args.systems:
+        molecule = build_system(PDB, SYSTEMS[name], 300.0)
         base = torch.as_tensor(molecule.positions_nm, dtype=torch.float64).reshape(1, -1)
         torch_energy = TorchForceField(molecule.system, 300.0).to(args.device)
         eager_energy = TorchForceField(molecule.system, 300.0, native=False).to(args.device)

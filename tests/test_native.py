@@ -172,6 +172,19 @@ def test_float32_and_native_false_use_eager(alanine: tuple[openmm.System, torch.
     assert not TorchForceField(system, TEMPERATURE_K, native=False).uses_native_kernel()
 
 
+@pytest.mark.usefixtures("kernel")
+def test_kernel_decision_follows_the_dtype(alanine: tuple[openmm.System, torch.Tensor]) -> None:
+    """The decision is cached, and made again when the module is moved or cast."""
+    system, base = alanine
+    ff = TorchForceField(system, TEMPERATURE_K)
+    assert ff.uses_native_kernel()
+    ff.to(torch.float32)
+    assert not ff.uses_native_kernel()
+    assert ff.energy_kJ(base.float()).dtype == torch.float32
+    ff.double()
+    assert ff.uses_native_kernel()
+
+
 @pytest.fixture()
 def fresh_loader(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Path:
     """The loader as if never called, with an empty cache directory."""

@@ -58,7 +58,7 @@ class Energy(nn.Module, ABC):
             raise ValueError(f"{type(self).__name__} expects x of shape [batch, {self.dim}], got {list(x.shape)}")
         self.evaluations += x.shape[0]
         started = time.perf_counter()
-        u = self.reduced_energy(x.to(torch.float64))
+        u = self.reduced_energy(x if x.dtype == torch.float64 else x.to(torch.float64))
         self.seconds += time.perf_counter() - started
         return u
 

@@ -200,8 +200,9 @@ class TorchForceField(Energy):
     The default dtype is float64; ``module.to(torch.float32)`` switches the computation to float32.
     """
 
-    # The kernel parameters hold raw pointers.
-    _runtime_attributes: ClassVar[dict[str, Callable[[], Any]]] = {"_kernel_params": dict}
+    # The kernel parameters hold raw pointers, and whether the kernel runs depends on the machine.
+    _runtime_attributes: ClassVar[dict[str, Callable[[], Any]]] = {"_kernel_params": dict,
+                                                                   "_native_decision": lambda: None}
 
     def __init__(self, system: openmm.System, temperature_K: float, chunk_size: int = 4096,
                  native: bool | None = None) -> None:
@@ -213,8 +214,8 @@ class TorchForceField(Energy):
         # Kernel parameter blocks by the tuple of terms they cover (all, or one for energy_terms_kJ);
         # built on first use, not state.
         self._kernel_params: dict[tuple[str, ...], native_kernel.KernelParameters] = {}
-        # (device, dtype) -> uses_native_kernel(), decided once per placement of the buffers.
-        self._native_decision: tuple[tuple[torch.device, torch.dtype], bool] | None = None
+        # uses_native_kernel(), decided once per placement of the buffers (see _apply).
+        self._native_decision: bool | None = None
         self.n_atoms = n_atoms
         self.temperature_K = float(temperature_K)
         self.kT_kJ_per_mol = _kT_kJ_per_mol(temperature_K)
@@ -638,18 +639,26 @@ class TorchForceField(Energy):
     def _prepare(self, x: Tensor) -> Tensor:
         if x.ndim != 2 or x.shape[1] != self.dim:
             raise ValueError(f"{type(self).__name__} expects x of shape [batch, {self.dim}], got {list(x.shape)}")
-        if x.device != self._kT.device:
+        kT = self._kT
+        if x.device != kT.device:
             # The energy follows its input's device; parameters are moved once and then stay.
             self.to(x.device)
-        return x.detach().to(self._dtype())
+            kT = self._kT
+        # Each call here costs microseconds, and a training step makes several: skip the no-ops.
+        if x.requires_grad:
+            x = x.detach()
+        return x if x.dtype == kT.dtype else x.to(kT.dtype)
+
+    def _apply(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> TorchForceField:
+        # .to(), .cuda(), .double() ... all come through here: the kernel decision is made again.
+        self._native_decision = None
+        return super()._apply(fn, *args, **kwargs)
 
     def uses_native_kernel(self) -> bool:
         """Whether evaluations on the CPU in float64 run in the fused C kernel (builds it if needed)."""
-        kT = self._kT
-        where = (kT.device, kT.dtype)
-        if self._native_decision is None or self._native_decision[0] != where:
-            self._native_decision = (where, self._decide_native(kT))
-        return self._native_decision[1]
+        if self._native_decision is None:
+            self._native_decision = self._decide_native(self._kT)
+        return self._native_decision
 
     def _decide_native(self, kT: Tensor) -> bool:
         if self.native is False or kT.device.type != "cpu" or kT.dtype != torch.float64:
