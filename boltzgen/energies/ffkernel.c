@@ -193,18 +193,24 @@ static void torsions(const ff_params *p, int64_t n, const double *P, double *G, 
         horner(p->cos_coef + t, nt, p->n_cos, n, cos_phi, e, de);
         if (p->n_sin > 0) horner(p->sin_coef + t, nt, p->n_sin, n, cos_phi, s, ds);
         /* Pass 2: energy, dU/dphi and the gradient. */
+        /* e becomes the energy and de dU/dphi, in loops of their own: with the sine part inside the
+         * gradient loop, both variants were computed and blended. */
+        if (p->n_sin > 0) {
+#pragma omp simd
+            for (int64_t c = 0; c < n; c++) {
+                e[c] -= neg_sin[c] * s[c];
+                /* d/dphi [sin B(cos)] = cos B(cos) - sin^2 B'(cos) */
+                de[c] = neg_sin[c] * de[c] + (cos_phi[c] * s[c] - neg_sin[c] * neg_sin[c] * ds[c]);
+            }
+        } else {
+#pragma omp simd
+            for (int64_t c = 0; c < n; c++) de[c] *= neg_sin[c];
+        }
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
-            double de_dphi = neg_sin[c] * de[c];
-            double energy = e[c];
-            if (p->n_sin > 0) {
-                energy -= neg_sin[c] * s[c];
-                /* d/dphi [sin B(cos)] = cos B(cos) - sin^2 B'(cos) */
-                de_dphi += cos_phi[c] * s[c] - neg_sin[c] * neg_sin[c] * ds[c];
-            }
-            E[c] += energy;
+            E[c] += e[c];
             /* Blondel & Karplus (1996) gradient of phi, free of the 1/sin(phi) singularity. */
-            de_dphi *= gn[c];
+            double de_dphi = de[c] * gn[c];
             double ca = de_dphi * ia2[c], cd = de_dphi * ib2[c];
             double fg_ca = fg[c] * ca, hg_cd = hg[c] * cd;
             double ax = A[0][c], ay = A[1][c], az = A[2][c], bx = Bv[0][c], by = Bv[1][c], bz = Bv[2][c];
