@@ -252,9 +252,11 @@ static void nonbonded(const ff_params *p, int64_t n, const double *P, double *G,
 }
 
 /* OBC descreening of a centre with offset radius rho by a sphere of scaled radius s at distance r:
- * the torchff "term" (twice the OBC integral, plus the buried-atom correction) and dterm2 = -2 dterm/dr. */
-static inline void obc_descreen(double r, double r2, double inv_r, double inv_r2, double rho, double s, double *term,
-                                double *dterm2) {
+ * the torchff "term" (twice the OBC integral, plus the buried-atom correction) and dterm2 = -2 dterm/dr,
+ * each as a + b log(l/u). This returns l/u and the parts a: term = *term_a + inv_r/2 log(l/u) and
+ * dterm2 = *dterm2_a + inv_r2 log(l/u). */
+static inline double obc_descreen(double r, double r2, double inv_r, double inv_r2, double rho, double s,
+                                  double *term_a, double *dterm2_a) {
     double upper = r + s, lower = r - s;
     /* Buried atom (rho < s - r): 2 (1/rho + 1/(r - s)); 0 otherwise, as min(r - s, -rho) is then -rho. */
     double m = lower > -rho ? -rho : lower;
@@ -266,21 +268,42 @@ static inline void obc_descreen(double r, double r2, double inv_r, double inv_r2
     double inv_l = 1.0 / l, inv_u = 1.0 / upper;
     double t = inv_l - inv_u;
     double dl2 = (inv_u + inv_l) * t; /* 1/l^2 - 1/u^2 */
-    double inner2 = log(l / upper) + 0.5 * dl2 * (s * s - r2);
-    *term = t + 0.5 * inv_r * inner2 + 2.0 * buried;
-    *dterm2 = dl2 + inv_r2 * inner2;
+    double rest = 0.5 * dl2 * (s * s - r2);
+    *term_a = t + 0.5 * inv_r * rest + 2.0 * buried;
+    *dterm2_a = dl2 + inv_r2 * rest;
+    return l / upper;
 }
 
-/* Both orders of the descreening of pair (i, j) in configuration c: i's term and dterm2 (by j's
- * sphere) and j's (by i's), and the distance's reciprocal. */
-static inline double obc_pair(const double *pi, const double *pj, int64_t c, double rho_i, double s_j, double rho_j,
-                              double s_i, double *term_i, double *dterm2_i, double *term_j, double *dterm2_j) {
-    double dx = pj[c] - pi[c], dy = pj[STRIDE + c] - pi[STRIDE + c], dz = pj[2 * STRIDE + c] - pi[2 * STRIDE + c];
-    double r2 = dx * dx + dy * dy + dz * dz, inv_r = 1.0 / sqrt(r2);
-    double r = r2 * inv_r, inv_r2 = inv_r * inv_r;
-    obc_descreen(r, r2, inv_r, inv_r2, rho_i, s_j, term_i, dterm2_i);
-    obc_descreen(r, r2, inv_r, inv_r2, rho_j, s_i, term_j, dterm2_j);
-    return inv_r;
+/* Both orders of the descreening of the pair (pi, pj) in configurations 0 .. n-1, each [n]: i's
+ * term and dterm2 (by j's sphere), j's (by i's), and 1/r. The logarithms have a loop of their own:
+ * a vector log call inside the main loop made the compiler spill every live register around it
+ * (10% of the OBC kernel, measured side by side). */
+static void obc_descreen_pair(const double *pi, const double *pj, int64_t n, double rho_i, double s_j, double rho_j,
+                              double s_i, double *restrict term_i, double *restrict dterm2_i,
+                              double *restrict term_j, double *restrict dterm2_j, double *restrict inv_r_out) {
+    double log_i[BLOCK], log_j[BLOCK];
+#pragma omp simd
+    for (int64_t c = 0; c < n; c++) {
+        double dx = pj[c] - pi[c], dy = pj[STRIDE + c] - pi[STRIDE + c], dz = pj[2 * STRIDE + c] - pi[2 * STRIDE + c];
+        double r2 = dx * dx + dy * dy + dz * dz, inv_r = 1.0 / sqrt(r2);
+        double r = r2 * inv_r, inv_r2 = inv_r * inv_r;
+        log_i[c] = obc_descreen(r, r2, inv_r, inv_r2, rho_i, s_j, &term_i[c], &dterm2_i[c]);
+        log_j[c] = obc_descreen(r, r2, inv_r, inv_r2, rho_j, s_i, &term_j[c], &dterm2_j[c]);
+        inv_r_out[c] = inv_r;
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < n; c++) {
+        log_i[c] = log(log_i[c]);
+        log_j[c] = log(log_j[c]);
+    }
+#pragma omp simd
+    for (int64_t c = 0; c < n; c++) {
+        double half_inv_r = 0.5 * inv_r_out[c], inv_r2 = inv_r_out[c] * inv_r_out[c];
+        term_i[c] += half_inv_r * log_i[c];
+        dterm2_i[c] += inv_r2 * log_i[c];
+        term_j[c] += half_inv_r * log_j[c];
+        dterm2_j[c] += inv_r2 * log_j[c];
+    }
 }
 
 /* OBC energy and gradient; scratch is [4][n_atoms][STRIDE]; dcache, when not NULL, is [n_pairs][2][STRIDE]
@@ -292,22 +315,19 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
     /* T: sum of descreening terms, later -2 dU/dterm; B: Born radius; K: dB/dterm; D: -2 dU/dB. */
     double *T = scratch, *B = scratch + na * STRIDE, *K = scratch + 2 * na * STRIDE, *D = scratch + 3 * na * STRIDE;
     memset(T, 0, sizeof(double) * na * STRIDE);
+    /* One pair's descreening, both orders; dterm2 is [2][STRIDE] as a row of dcache. */
+    double term_i[BLOCK], term_j[BLOCK], dterm2[2 * STRIDE], inv_r[BLOCK];
     for (int64_t t = 0; t < np; t++) {
         const double *pi = P + 3 * ii[t] * STRIDE, *pj = P + 3 * jj[t] * STRIDE;
         double *ti = T + ii[t] * STRIDE, *tj = T + jj[t] * STRIDE;
-        double *dc = dcache != NULL ? dcache + 2 * t * STRIDE : NULL;
-        const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t];
-        const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
+        /* The derivatives go to the cache when there is one. */
+        double *dc = dcache != NULL ? dcache + 2 * t * STRIDE : dterm2;
+        obc_descreen_pair(pi, pj, n, p->obc_rho[t], p->obc_scaled[t], p->obc_rho[np + t], p->obc_scaled[np + t],
+                          term_i, dc, term_j, dc + STRIDE, inv_r);
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
-            double term_i, dterm2_i, term_j, dterm2_j;
-            obc_pair(pi, pj, c, rho_i, s_j, rho_j, s_i, &term_i, &dterm2_i, &term_j, &dterm2_j);
-            ti[c] += term_i;
-            tj[c] += term_j;
-            if (dc != NULL) {
-                dc[c] = dterm2_i;
-                dc[STRIDE + c] = dterm2_j;
-            }
+            ti[c] += term_i[c];
+            tj[c] += term_j[c];
         }
     }
     for (int64_t a = 0; a < na; a++) {
@@ -331,17 +351,26 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
         }
     }
     /* GB pair energy qq / f with f^2 = r^2 + B_i B_j exp(-r^2 / (4 B_i B_j)); its r-gradient, and -2 dU/dB. */
+    double ratio[BLOCK], expo[BLOCK];
     for (int64_t t = 0; t < np; t++) {
         const double *pi = P + 3 * ii[t] * STRIDE, *pj = P + 3 * jj[t] * STRIDE;
         double *gi = G + 3 * ii[t] * STRIDE, *gj = G + 3 * jj[t] * STRIDE;
         const double *bi = B + ii[t] * STRIDE, *bj = B + jj[t] * STRIDE;
         double *di = D + ii[t] * STRIDE, *dj = D + jj[t] * STRIDE;
         const double qq = p->obc_pair_qq[t];
+        /* r^2 / (B_i B_j) and its exponential first, the exp in a loop of its own (as the logs above). */
+#pragma omp simd
+        for (int64_t c = 0; c < n; c++) {
+            double dx = pj[c] - pi[c], dy = pj[STRIDE + c] - pi[STRIDE + c], dz = pj[2 * STRIDE + c] - pi[2 * STRIDE + c];
+            ratio[c] = (dx * dx + dy * dy + dz * dz) / (bi[c] * bj[c]);
+        }
+#pragma omp simd
+        for (int64_t c = 0; c < n; c++) expo[c] = exp(-0.25 * ratio[c]);
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
             double dx = pj[c] - pi[c], dy = pj[STRIDE + c] - pi[STRIDE + c], dz = pj[2 * STRIDE + c] - pi[2 * STRIDE + c];
             double r2 = dx * dx + dy * dy + dz * dz;
-            double bb = bi[c] * bj[c], dd4 = r2 / bb, ex = exp(-0.25 * dd4);
+            double bb = bi[c] * bj[c], dd4 = ratio[c], ex = expo[c];
             double inv_f = 1.0 / sqrt(r2 + bb * ex);
             double pair = qq * inv_f;
             E[c] += pair;
@@ -361,27 +390,14 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
         const double *pi = P + 3 * ii[t] * STRIDE, *pj = P + 3 * jj[t] * STRIDE;
         double *gi = G + 3 * ii[t] * STRIDE, *gj = G + 3 * jj[t] * STRIDE;
         const double *ti = T + ii[t] * STRIDE, *tj = T + jj[t] * STRIDE;
-        if (dcache != NULL) {
-            const double *dc = dcache + 2 * t * STRIDE;
-#pragma omp simd
-            for (int64_t c = 0; c < n; c++) {
-                double dx = pj[c] - pi[c], dy = pj[STRIDE + c] - pi[STRIDE + c];
-                double dz = pj[2 * STRIDE + c] - pi[2 * STRIDE + c];
-                double inv_r = 1.0 / sqrt(dx * dx + dy * dy + dz * dz);
-                double h = -0.25 * (dc[c] * ti[c] + dc[STRIDE + c] * tj[c]) * inv_r;
-                gi[c] += h * dx; gi[STRIDE + c] += h * dy; gi[2 * STRIDE + c] += h * dz;
-                gj[c] -= h * dx; gj[STRIDE + c] -= h * dy; gj[2 * STRIDE + c] -= h * dz;
-            }
-            continue;
-        }
-        const double rho_i = p->obc_rho[t], s_j = p->obc_scaled[t];
-        const double rho_j = p->obc_rho[np + t], s_i = p->obc_scaled[np + t];
+        const double *dc = dcache != NULL ? dcache + 2 * t * STRIDE : dterm2;
+        if (dcache == NULL)
+            obc_descreen_pair(pi, pj, n, p->obc_rho[t], p->obc_scaled[t], p->obc_rho[np + t], p->obc_scaled[np + t],
+                              term_i, dterm2, term_j, dterm2 + STRIDE, inv_r);
 #pragma omp simd
         for (int64_t c = 0; c < n; c++) {
-            double term_i, dterm2_i, term_j, dterm2_j;
-            double inv_r = obc_pair(pi, pj, c, rho_i, s_j, rho_j, s_i, &term_i, &dterm2_i, &term_j, &dterm2_j);
             double dx = pj[c] - pi[c], dy = pj[STRIDE + c] - pi[STRIDE + c], dz = pj[2 * STRIDE + c] - pi[2 * STRIDE + c];
-            double h = -0.25 * (dterm2_i * ti[c] + dterm2_j * tj[c]) * inv_r;
+            double h = -0.25 * (dc[c] * ti[c] + dc[STRIDE + c] * tj[c]) / sqrt(dx * dx + dy * dy + dz * dz);
             gi[c] += h * dx; gi[STRIDE + c] += h * dy; gi[2 * STRIDE + c] += h * dz;
             gj[c] -= h * dx; gj[STRIDE + c] -= h * dy; gj[2 * STRIDE + c] -= h * dz;
         }
