@@ -151,7 +151,7 @@ def test_nonfinite_input_stays_nonfinite(alanine: tuple[openmm.System, torch.Ten
     assert torch.isnan(energy[3])
     keep = torch.arange(70) != 3
     assert torch.isfinite(energy[keep]).all() and torch.isfinite(forces[keep]).all()
-    # Other places in the kernel block: equal up to rounding (see ff_block_size in ffkernel.c).
+    # Other places in the kernel block: equal up to rounding (see BLOCK in ffkernel.c).
     torch.testing.assert_close(energy[keep], ff.energy_kJ(x[keep]), rtol=1e-13, atol=0)
 
 

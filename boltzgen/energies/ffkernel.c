@@ -8,7 +8,8 @@
  *
  * Layout: configurations are processed in blocks of BLOCK. A block is transposed to P[3 n_atoms][STRIDE]
  * (coordinate-major, configuration innermost), so that every term is a loop over contiguous
- * configurations that the compiler vectorizes; the gradient G has the same layout.
+ * configurations that the compiler vectorizes; the gradient G has the same layout. Threads: see
+ * ff_energy_grad_threads at the end.
  * Units: nm, kJ/mol, kJ/mol/nm.
  */
 #include <math.h>
@@ -19,6 +20,9 @@
 #include <stdlib.h>
 #include <string.h>
 
+/* Configurations per block. A configuration's result can differ in the last bit with its place in a
+ * block (vector lanes and the scalar remainder may round differently), so batches are only ever split
+ * between threads at whole blocks, which keeps results independent of the split. */
 #ifndef BLOCK
 #define BLOCK 64
 #endif
@@ -403,11 +407,6 @@ static void gbsa_obc(const ff_params *p, int64_t n, const double *P, double *G, 
         }
     }
 }
-
-/* Configurations per block. A configuration's result can differ in the last bit with its place in a
- * block (vector lanes and the scalar remainder may round differently), so callers that split a batch
- * split it at multiples of this, which keeps results independent of the split. */
-int64_t ff_block_size(void) { return BLOCK; }
 
 /* Evaluates the blocks of configurations (blocks of BLOCK, counted from x) that it takes from *next,
  * a counter the threads of a job share, until none is left; see ff_energy_grad for the rest. */

@@ -40,9 +40,9 @@ _BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-t
 # Tried in order, the first that builds wins: this CPU's vector units with glibc's vector atan2,
 # without it, and a portable build.
 _VARIANTS = [
-    (["-march=native", "-DFF_LIBMVEC"], ["-lmvec", "-lm", "-lpthread"]),
-    (["-march=native"], ["-lm", "-lpthread"]),
-    ([], ["-lm", "-lpthread"]),
+    (["-march=native", "-DFF_LIBMVEC"], ["-lmvec", "-lm"]),
+    (["-march=native"], ["-lm"]),
+    ([], ["-lm"]),
 ]
 # Fewer configurations per thread than this are not worth a second thread.
 _MIN_PER_THREAD = 128
@@ -130,7 +130,6 @@ def _build() -> ctypes.CDLL:
         library.ff_energy_grad_threads.argtypes = [ctypes.POINTER(FFParams), ctypes.c_int64, ctypes.c_double,
                                                    ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
         library.ff_energy_grad_threads.restype = ctypes.c_int
-        library.ff_block_size.restype = ctypes.c_int64
         return library
     raise RuntimeError(f"building {SOURCE.name} failed: {errors[-1]}")
 

@@ -613,9 +613,6 @@ class TorchForceField(Energy):
         return energy, cf.add_(cfe, alpha=-0.25).addcmul_(de_dr4, inv_r, value=-0.25)
 
     # ------------------------------------------------------------------ evaluation
-    def _dtype(self) -> torch.dtype:
-        return self._kT.dtype
-
     def _stages(self, terms: list[str]) -> list[tuple[Callable[[Tensor, Tensor | None], Tensor], int]]:
         """The block functions that evaluate ``terms``, each with its row count (terms or pairs)."""
         stages: list[tuple[Callable[[Tensor, Tensor | None], Tensor], int]] = []
