@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -113,23 +114,32 @@ def _add_job_commands(sub: Any) -> None:
     compare.add_argument("--md", type=Path, help="MD directory with summary.json and md.h5 (default RUN_DIR/md)")
 
 
+def _delta_f_text(row: dict[str, Any]) -> str:
+    """``+1.2345 ± 0.0123 kT`` for a free-energy row, or why it has no estimate."""
+    value, stderr = row.get("delta_f_kT"), row.get("stderr_kT")
+    if value is None or not math.isfinite(value):
+        empty = row.get("empty_state")
+        return f"not estimable: no samples in {empty}" if empty else "not estimable"
+    error = "n/a" if stderr is None or not math.isfinite(stderr) else f"{stderr:.4f}"
+    return f"{value:+.4f} ± {error} kT"
+
+
 def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
     lines = [f"run directory     {out_dir}"]
     if summary.get("ess") is not None:
         lines.append(f"ESS (Kish)        {summary['ess']:.4f}  ({summary['n_samples']:,} samples, "
                      f"{summary['n_nonfinite']} non-finite)")
     for row in summary.get("free_energies", []):
-        text = f"ΔF {row['from']}→{row['to']:<10} {row['delta_f_kT']:+.4f} ± {row['stderr_kT']:.4f} kT"
+        text = f"ΔF {row['from']}→{row['to']:<10} {_delta_f_text(row)}"
         if "exact_kT" in row:
             text += f"   (exact {row['exact_kT']:+.4f}, error {row['delta_f_kT'] - row['exact_kT']:+.4f})"
         lines.append(text)
     baseline = summary.get("baseline")
     if baseline:
         for row in baseline.get("free_energies", []):
-            lines.append(f"ΔF {row['from']}→{row['to']} {baseline['source']:<12} "
-                         f"{row['delta_f_kT']:+.4f} ± {row['stderr_kT']:.4f} kT")
+            lines.append(f"ΔF {row['from']}→{row['to']} {baseline['source']:<12} {_delta_f_text(row)}")
     for row in (summary.get("umbrella") or {}).get("free_energies", []):
-        lines.append(f"ΔF {row['from']}→{row['to']} umbrella     {row['delta_f_kT']:+.4f} ± {row['stderr_kT']:.4f} kT")
+        lines.append(f"ΔF {row['from']}→{row['to']} umbrella     {_delta_f_text(row)}")
     thermodynamic = summary.get("thermodynamic_free_energies", [])
     if thermodynamic:
         lines.append(f"f(T) - f(target)  {thermodynamic[0]['method']}, reduced (kT of each T)")

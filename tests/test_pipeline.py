@@ -442,3 +442,13 @@ def test_mcmc_on_a_molecule_keeps_the_l_form(alanine_run):
     x = torch.as_tensor(read_samples(out / "chains.h5")["x"])
     assert bool(is_l_chirality(x, pipeline.load_run(alanine_run)[2].topology).all())
     assert summary["n_nonfinite"] > 0  # mirror-image proposals were made, and rejected
+
+
+def test_summary_says_why_a_free_energy_is_missing(capsys):
+    """Plain MD that never reaches a state has no ΔF: the summary says so instead of '+inf ± nan'."""
+    missing = {"from": "A", "to": "B", "delta_f_kT": math.inf, "stderr_kT": math.nan, "empty_state": "B"}
+    cli._print_summary({"baseline": {"source": "MD 300 K", "free_energies": [missing]}, "wall_seconds": 1.0},
+                       Path("runs/x"))
+    out = capsys.readouterr().out
+    assert "ΔF A→B MD 300 K     not estimable: no samples in B" in out
+    assert "inf" not in out and "nan" not in out
