@@ -749,10 +749,6 @@ class TorchForceField(Energy):
         assert grad is not None
         return energy, -grad
 
-    def forces_kJ(self, x: Tensor) -> Tensor:
-        """F = -dU/dx in kJ/mol/nm, shape ``[batch, 3 n_atoms]``."""
-        return self.energy_and_forces_kJ(x)[1]
-
 
 class _TorchFFFunction(torch.autograd.Function):
     """``scale`` times the energy in forward; the analytic gradient computed alongside it is handed
@@ -861,8 +857,8 @@ def compare_with_openmm(
     e_ref, f_ref = openmm_energies_forces(system, frames)
     ff = TorchForceField(system, temperature_K, native=native)
     x = torch.as_tensor(frames.reshape(n, -1), dtype=torch.float64)
-    e = ff.energy_kJ(x).detach().numpy()
-    f = ff.forces_kJ(x).numpy().reshape(frames.shape)
+    energy, forces = ff.energy_and_forces_kJ(x)
+    e, f = energy.numpy(), forces.numpy().reshape(frames.shape)
     abs_err = np.abs(e - e_ref)
     return ParityReport(
         max_abs_energy_kJ=float(abs_err.max()),
