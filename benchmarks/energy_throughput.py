@@ -55,10 +55,9 @@ def _interleaved_rates(steps: dict[str, tuple[Callable[[], None], int]], seconds
     """Each step's rate in ``rounds`` windows of ``seconds / rounds``, the steps taking turns.
 
     Every window starts with one untimed call: the first call after another backend ran is slow
-    (4x measured: caches, sleeping threads), for either backend.
+    (4x measured: caches, sleeping threads), for either backend, and the very first one also starts
+    OpenMM's workers and builds the kernel.
     """
-    for step, _ in steps.values():
-        step()  # warm-up: workers started, kernel built
     rates: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, (step, n) in steps.items():
