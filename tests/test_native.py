@@ -11,6 +11,7 @@ import copy
 import multiprocessing
 import pickle
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +43,14 @@ def kernel() -> None:
     skip_without_kernel()
 
 
+@pytest.fixture()
+def restore_threads() -> Iterator[None]:
+    """Tests here change torch's thread count (the kernel's too); it is put back afterwards."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _batch(base: torch.Tensor, n: int, seed: int = 0, noise: float = 0.02) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return base + noise * torch.randn(n, base.shape[1], generator=gen, dtype=torch.float64)
@@ -65,21 +74,17 @@ def test_kernel_equals_eager(alanine: tuple[openmm.System, torch.Tensor], n: int
     torch.testing.assert_close(fast.energy_kJ(x), e_fast, rtol=0, atol=0)
 
 
-@pytest.mark.usefixtures("kernel")
+@pytest.mark.usefixtures("kernel", "restore_threads")
 def test_thread_split_is_exact(alanine: tuple[openmm.System, torch.Tensor]) -> None:
     """Configurations are independent, so splitting the batch over threads changes no bit; the pool
     also serves jobs that use fewer threads than it has workers."""
     system, base = alanine
     ff = TorchForceField(system, TEMPERATURE_K)
     x = _batch(base, 1000, seed=1)
-    threads = torch.get_num_threads()
     results = []
-    try:
-        for n in (1, 4, 2, 3):
-            torch.set_num_threads(n)
-            results.append(ff.energy_and_forces_kJ(x))
-    finally:
-        torch.set_num_threads(threads)
+    for n in (1, 4, 2, 3):
+        torch.set_num_threads(n)
+        results.append(ff.energy_and_forces_kJ(x))
     for energy, forces in results[1:]:
         assert torch.equal(results[0][0], energy) and torch.equal(results[0][1], forces)
 
@@ -89,18 +94,14 @@ def _energies_in_child(ff: TorchForceField, x: torch.Tensor, out: multiprocessin
     out.put(ff.energy_kJ(x).numpy())
 
 
-@pytest.mark.usefixtures("kernel")
+@pytest.mark.usefixtures("kernel", "restore_threads")
 def test_threads_work_in_a_forked_child(alanine: tuple[openmm.System, torch.Tensor]) -> None:
     """A child forked after the kernel's threads started has none of them; it starts its own."""
     system, base = alanine
     ff = TorchForceField(system, TEMPERATURE_K)
     x = _batch(base, 600, seed=2)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        expected = ff.energy_kJ(x)  # the parent's workers exist from here on
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    expected = ff.energy_kJ(x)  # the parent's workers exist from here on
     context = multiprocessing.get_context("fork")
     out = context.SimpleQueue()
     child = context.Process(target=_energies_in_child, args=(ff, x, out))
@@ -113,7 +114,7 @@ def test_threads_work_in_a_forked_child(alanine: tuple[openmm.System, torch.Tens
     np.testing.assert_array_equal(out.get(), expected.numpy())
 
 
-@pytest.mark.usefixtures("kernel")
+@pytest.mark.usefixtures("kernel", "restore_threads")
 def test_concurrent_callers_get_their_own_results(alanine: tuple[openmm.System, torch.Tensor]) -> None:
     """Two Python threads calling at once (ctypes drops the GIL) share the pool one job at a time."""
     system, base = alanine
@@ -126,16 +127,12 @@ def test_concurrent_callers_get_their_own_results(alanine: tuple[openmm.System, 
         for _ in range(20):
             got[k].append(ff.energy_kJ(batches[k]))
 
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(2)
-        callers = [threading.Thread(target=evaluate, args=(k,)) for k in (0, 1)]
-        for caller in callers:
-            caller.start()
-        for caller in callers:
-            caller.join()
-    finally:
-        torch.set_num_threads(threads)
+    torch.set_num_threads(2)
+    callers = [threading.Thread(target=evaluate, args=(k,)) for k in (0, 1)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
     for k in (0, 1):
         assert len(got[k]) == 20 and all(torch.equal(energy, expected[k]) for energy in got[k])
 
