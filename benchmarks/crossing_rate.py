@@ -8,7 +8,7 @@ RUN_DIR is a trained double-well run (``boltzgen train systems/double_well.yaml 
 Both samplers run the same number of chains and production steps:
 
 - flow IMH: independence Metropolis with the trained flow as proposal, chains started from flow samples;
-- baseline MALA: CartesianMALA started exactly as ``pipeline.run_baseline_mala`` (sampling-importance-
+- baseline MALA: CartesianMALA started exactly as ``runs.baselines.run_baseline_mala`` (sampling-importance-
   resampling from N(0, init_scale^2), so chains start in both wells in about their equilibrium
   proportion), step size from the config, tuned toward 57 % acceptance during warm-up, then frozen.
 
@@ -36,9 +36,12 @@ import numpy as np
 import torch
 
 from boltzgen.config import DoubleWellSystem
-from boltzgen.jobs import initial_state
-from boltzgen.mcmc import CartesianMALA, ChainState, IndependenceMetropolis, run_chains
-from boltzgen.pipeline import RunError, load_run
+from boltzgen.errors import RunError
+from boltzgen.mcmc import initial_state, resample_starts, run_chains
+from boltzgen.moves import CartesianMALA, ChainState, IndependenceMetropolis
+from boltzgen.runs.baselines import MALA_START_OVERSAMPLE
+from boltzgen.runs.rundir import RunDir
+from boltzgen.runs.target import load_run
 
 CORE = 1.0
 
@@ -57,14 +60,13 @@ def crossings(x0: np.ndarray) -> tuple[int, int]:
 
 
 def sir_start(energy, n_chains: int, init_scale: float, seed: int) -> torch.Tensor:
-    """The start of ``pipeline.run_baseline_mala``: SIR from N(0, init_scale^2 I), 64 proposals per chain."""
+    """The start of the MALA baseline: SIR from N(0, init_scale^2 I), as ``runs.baselines.run_baseline_mala``."""
     gen = torch.Generator().manual_seed(seed)
-    proposals = init_scale * torch.randn(64 * n_chains, energy.dim, generator=gen, dtype=torch.float64)
+    proposals = init_scale * torch.randn(MALA_START_OVERSAMPLE * n_chains, energy.dim, generator=gen,
+                                         dtype=torch.float64)
     with torch.no_grad():
         log_w = -energy(proposals) + 0.5 * (proposals / init_scale).pow(2).sum(1)
-    log_w = torch.where(torch.isfinite(log_w), log_w, torch.full_like(log_w, -math.inf))
-    idx = torch.multinomial(torch.softmax(log_w, 0), n_chains, replacement=True, generator=gen)
-    return proposals[idx]
+    return proposals[resample_starts(log_w, n_chains, gen)]
 
 
 def measure(name: str, move, start: ChainState | torch.Tensor, steps: int, warmup: int) -> dict:
@@ -98,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     try:
-        config, _, system, generator = load_run(args.run_dir)
+        trained = load_run(RunDir(args.run_dir))
     except RunError as exc:
         print(f"crossing_rate: error: {exc}", file=sys.stderr)
         return 2
+    config, generator = trained.config, trained.generator
     if not isinstance(config.system, DoubleWellSystem):
         print(f"crossing_rate: error: {args.run_dir} is a {config.system.type} run, not a double well", file=sys.stderr)
         return 2

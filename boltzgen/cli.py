@@ -1,4 +1,5 @@
-"""`boltzgen <command> CONFIG|RUN_DIR [options]`: a thin layer over the pipeline modules."""
+"""`boltzgen <command> CONFIG|RUN_DIR [options]`: parses, calls the commands in :mod:`boltzgen.runs`,
+and prints a short summary from their summary dataclasses."""
 
 from __future__ import annotations
 
@@ -7,6 +8,10 @@ import math
 import sys
 from pathlib import Path
 from typing import Any
+
+from boltzgen.errors import USER_ERRORS, RunError
+from boltzgen.runs.rundir import RunDir
+from boltzgen.runs.summaries import FreeEnergyRow, MCMCSummary
 
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
@@ -62,7 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_job_commands(sub: Any) -> None:
     """`sample`, `mcmc` and `compare`: jobs on a trained run directory."""
-    from boltzgen.jobs import MOVES, TEMPERATURES_HELP, WEIGHTS, WEIGHTS_HELP
+    from boltzgen.runs.chains import MOVES
+    from boltzgen.runs.sample import TEMPERATURES_HELP, WEIGHTS, WEIGHTS_HELP
 
     sample = sub.add_parser("sample", help="draw N flow samples with importance weights, ESS, k̂, ΔF and FES",
                             description="Streams N flow samples in batches (bounded memory) into RUN_DIR/samples.h5 "
@@ -114,75 +120,78 @@ def _add_job_commands(sub: Any) -> None:
     compare.add_argument("--md", type=Path, help="MD directory with summary.json and md.h5 (default RUN_DIR/md)")
 
 
-def _delta_f_text(row: dict[str, Any]) -> str:
+def _delta_f_text(row: FreeEnergyRow) -> str:
     """``+1.2345 ± 0.0123 kT`` for a free-energy row, or why it has no estimate."""
-    value, stderr = row.get("delta_f_kT"), row.get("stderr_kT")
-    if value is None or not math.isfinite(value):
-        empty = row.get("empty_state")
-        return f"not estimable: no samples in {empty}" if empty else "not estimable"
-    error = "n/a" if stderr is None or not math.isfinite(stderr) else f"{stderr:.4f}"
-    return f"{value:+.4f} ± {error} kT"
+    if not row.estimable:
+        return f"not estimable: no samples in {row.empty_state}" if row.empty_state else "not estimable"
+    error = f"{row.stderr_kT:.4f}" if math.isfinite(row.stderr_kT) else "n/a"
+    return f"{row.delta_f_kT:+.4f} ± {error} kT"
 
 
-def _print_summary(summary: dict[str, Any], out_dir: Path) -> None:
-    lines = [f"run directory     {out_dir}"]
-    if summary.get("ess") is not None:
-        lines.append(f"ESS (Kish)        {summary['ess']:.4f}  ({summary['n_samples']:,} samples, "
-                     f"{summary['n_nonfinite']} non-finite)")
-    for row in summary.get("free_energies", []):
-        text = f"ΔF {row['from']}→{row['to']:<10} {_delta_f_text(row)}"
-        if "exact_kT" in row:
-            text += f"   (exact {row['exact_kT']:+.4f}, error {row['delta_f_kT'] - row['exact_kT']:+.4f})"
+def _free_energy_lines(rows: list[FreeEnergyRow], label: str = "") -> list[str]:
+    lines = []
+    for row in rows:
+        head = f"ΔF {row.from_}→{row.to} {label:<12}" if label else f"ΔF {row.from_}→{row.to:<10}"
+        text = f"{head} {_delta_f_text(row)}"
+        if row.exact_kT is not None:
+            text += f"   (exact {row.exact_kT:+.4f}, error {row.delta_f_kT - row.exact_kT:+.4f})"
         lines.append(text)
-    baseline = summary.get("baseline")
-    if baseline:
-        for row in baseline.get("free_energies", []):
-            lines.append(f"ΔF {row['from']}→{row['to']} {baseline['source']:<12} {_delta_f_text(row)}")
-    for row in (summary.get("umbrella") or {}).get("free_energies", []):
-        lines.append(f"ΔF {row['from']}→{row['to']} umbrella     {_delta_f_text(row)}")
-    thermodynamic = summary.get("thermodynamic_free_energies", [])
+    return lines
+
+
+def _print_summary(summary: Any, out_dir: Path) -> None:
+    """The lines every command prints at its end: ESS, ΔF, costs and wall time."""
+    lines = [f"run directory     {out_dir}"]
+    ess = getattr(summary, "ess", None)
+    if ess is not None and not isinstance(summary, MCMCSummary):
+        lines.append(f"ESS (Kish)        {ess:.4f}  ({summary.n_samples:,} samples, {summary.n_nonfinite} non-finite)")
+    lines += _free_energy_lines(summary.free_energies)
+    baseline = getattr(summary, "baseline", None)
+    if baseline is not None:
+        lines += _free_energy_lines(baseline.free_energies, baseline.source)
+    umbrella = getattr(summary, "umbrella", None)
+    if umbrella is not None:
+        lines += _free_energy_lines(umbrella.free_energies, "umbrella")
+    thermodynamic = getattr(summary, "thermodynamic_free_energies", None) or []
     if thermodynamic:
-        lines.append(f"f(T) - f(target)  {thermodynamic[0]['method']}, reduced (kT of each T)")
+        lines.append(f"f(T) - f(target)  {thermodynamic[0].method}, reduced (kT of each T)")
     for row in thermodynamic:
-        t = f"T = {row['temperature_K']:g} K" if "temperature_K" in row else f"T/T0 = {row['temperature_ratio']:g}"
-        stderr = "n/a" if row["stderr_kT"] is None else f"{row['stderr_kT']:.4f}"
-        n_eff = "n/a" if row["n_eff"] is None else f"{row['n_eff']:,.0f}"
-        lines.append(f"  {t:<15} {row['delta_f_kT']:+.4f} ± {stderr} kT   n_eff {n_eff}")
-    evaluations = summary.get("energy_evaluations", {})
-    if evaluations:
-        parts = ", ".join(f"{key} {value:,}" for key, value in evaluations.items() if key != "total")
-        lines.append(f"energy evals      {evaluations.get('total', 0):,} ({parts})")
-    energy_seconds = summary.get("energy_seconds")
+        t = f"T = {row.temperature_K:g} K" if row.temperature_K is not None else f"T/T0 = {row.temperature_ratio:g}"
+        stderr = f"{row.stderr_kT:.4f}" if math.isfinite(row.stderr_kT) else "n/a"
+        n_eff = f"{row.n_eff:,.0f}" if math.isfinite(row.n_eff) else "n/a"
+        lines.append(f"  {t:<15} {row.delta_f_kT:+.4f} ± {stderr} kT   n_eff {n_eff}")
+    evaluations = summary.energy_evaluations
+    parts = ", ".join(f"{key} {value:,}" for key, value in evaluations.items() if key != "total")
+    lines.append(f"energy evals      {evaluations.get('total', 0):,} ({parts})")
+    energy_seconds = getattr(summary, "energy_seconds", None)
     if energy_seconds:
         lines.append(f"in energy calls   {energy_seconds['total']:.1f} s (training {energy_seconds['training']:.1f} s, "
                      f"sampling {energy_seconds['sampling']:.1f} s)")
-    lines.append(f"wall time         {summary['wall_seconds']:.1f} s")
+    lines.append(f"wall time         {summary.wall_seconds:.1f} s")
     print("\n".join(lines))
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
     from boltzgen.config import load_config
-    from boltzgen.pipeline import train
+    from boltzgen.runs.train import train
 
     config, resolved = load_config(args.config, args.overrides)
-    out_dir = args.out or Path("runs") / config.name
-    summary = train(config, resolved, out_dir, resume=args.resume, force=args.force, progress=not args.no_progress)
-    _print_summary(summary, out_dir)
+    run = RunDir(args.out or Path("runs") / config.name)
+    summary = train(config, resolved, run, resume=args.resume, force=args.force, progress=not args.no_progress)
+    _print_summary(summary, run.path)
     return 0
 
 
 def _cmd_md(args: argparse.Namespace) -> int:
     from boltzgen.config import load_config
-    from boltzgen.pipeline import md_job, umbrella_job
+    from boltzgen.runs.baselines import md_job, umbrella_job
 
     config, resolved = load_config(args.config, args.overrides)
-    out_dir = args.out or Path("runs") / config.name
+    run = RunDir(args.out or Path("runs") / config.name)
     if args.umbrella:
-        summary = umbrella_job(config, resolved, out_dir, progress=not args.no_progress)
-        _print_summary(summary, out_dir / "umbrella")
-        return 0
-    summary = md_job(config, resolved, out_dir, progress=not args.no_progress)
-    _print_summary(summary, out_dir / "md")
+        _print_summary(umbrella_job(config, resolved, run, progress=not args.no_progress), run.umbrella.path)
+    else:
+        _print_summary(md_job(config, resolved, run, progress=not args.no_progress), run.md.path)
     return 0
 
 
@@ -190,8 +199,7 @@ def _cmd_check_energy(args: argparse.Namespace) -> int:
     from boltzgen.config import OpenMMSystem, load_config
     from boltzgen.energies.native import load_kernel, unavailable_reason
     from boltzgen.energies.openmm import build_system
-    from boltzgen.energies.torchff import compare_with_openmm
-    from boltzgen.pipeline import RunError
+    from boltzgen.energies.parity import compare_with_openmm
 
     config, _ = load_config(args.config, args.overrides)
     if not isinstance(config.system, OpenMMSystem):
@@ -222,57 +230,58 @@ def _cmd_check_energy(args: argparse.Namespace) -> int:
 
 
 def _cmd_sample(args: argparse.Namespace) -> int:
-    from boltzgen.estimators import KHAT_UNRELIABLE
-    from boltzgen.jobs import parse_temperatures, sample_job
+    from boltzgen.estimators.weights import KHAT_UNRELIABLE
+    from boltzgen.runs.sample import parse_temperatures, sample_job
 
     temperatures = None if args.temperatures is None else parse_temperatures(args.temperatures)
-    summary = sample_job(args.run_dir, args.n, batch=args.batch, out=args.out, weights=args.weights, seed=args.seed,
-                         progress=not args.no_progress, temperatures=temperatures)
-    khat = summary.get("pareto_khat")
-    lines = [f"samples file      {summary['samples_file']}  ({summary['n_samples']:,} samples, batch {summary['batch']:,})",
-             f"largest weight    {summary['max_normalized_weight']:.3e} (normalized)",
-             f"Pareto k̂          {khat:.3f}" if khat is not None else "Pareto k̂          undefined",
-             f"weights           {summary['weights']}"]
-    ess_obs = ", ".join(f"{key} {value:.3f}" if value is not None else f"{key} inf"
-                        for key, value in summary["ess_per_observable"].items())
-    lines.append(f"ESS/N per obs.    {ess_obs}")
-    print("\n".join(lines))
+    summary = sample_job(RunDir(args.run_dir), args.n, batch=args.batch, out=args.out, weights=args.weights,
+                         seed=args.seed, progress=not args.no_progress, temperatures=temperatures)
+    khat = summary.pareto_khat
+    ess_obs = ", ".join(f"{key} {value:.3f}" if math.isfinite(value) else f"{key} inf"
+                        for key, value in summary.ess_per_observable.items())
+    print("\n".join([
+        f"samples file      {summary.samples_file}  ({summary.n_samples:,} samples, batch {summary.batch:,})",
+        f"largest weight    {summary.max_normalized_weight:.3e} (normalized)",
+        f"Pareto k̂          {khat:.3f}" if math.isfinite(khat) else "Pareto k̂          undefined",
+        f"weights           {summary.weights}",
+        f"ESS/N per obs.    {ess_obs}",
+    ]))
     _print_summary(summary, args.run_dir)
-    if khat is None or khat > KHAT_UNRELIABLE:
-        print(f"WARNING: Pareto k̂ = {khat if khat is None else round(khat, 3)} > {KHAT_UNRELIABLE}: the importance "
-              "weights have a heavy tail and the weighted estimates are unreliable; train longer or use MCMC "
-              "(`boltzgen mcmc`)", file=sys.stderr)
+    if not khat <= KHAT_UNRELIABLE:
+        print(f"WARNING: Pareto k̂ = {round(khat, 3) if math.isfinite(khat) else khat} > {KHAT_UNRELIABLE}: the "
+              "importance weights have a heavy tail and the weighted estimates are unreliable; train longer or use "
+              "MCMC (`boltzgen mcmc`)", file=sys.stderr)
     return 0
 
 
 def _cmd_mcmc(args: argparse.Namespace) -> int:
-    from boltzgen.jobs import mcmc_job
+    from boltzgen.runs.chains import mcmc_job
 
-    summary = mcmc_job(args.run_dir, chains=args.chains, steps=args.steps, warmup=args.warmup, thin=args.thin,
+    summary = mcmc_job(RunDir(args.run_dir), chains=args.chains, steps=args.steps, warmup=args.warmup, thin=args.thin,
                        moves=args.moves, out_dir=args.out, step_size=args.step_size, local_step=args.local_step,
                        n_leapfrog=args.leapfrog, seed=args.seed, progress=not args.no_progress)
-    acceptance = ", ".join(f"{k} {v:.3f}" if v is not None else f"{k} n/a" for k, v in summary["acceptance_rate"].items())
-    steps = ", ".join(f"{k} {v:.4g}" for k, v in summary["step_sizes"].items())
-    taus = ", ".join(f"{k} {v:.2f}" if v is not None else f"{k} inf" for k, v in summary["tau_int"].items())
-    print(f"chains file       {summary['chains_file']}  ({summary['n_chains']} chains x "
-          f"{summary['n_samples'] // summary['n_chains']} frames, chain-major)")
+    acceptance = ", ".join(f"{k} {v:.3f}" if math.isfinite(v) else f"{k} n/a" for k, v in summary.acceptance_rate.items())
+    steps = ", ".join(f"{k} {v:.4g}" for k, v in summary.step_sizes.items())
+    taus = ", ".join(f"{k} {v:.2f}" if math.isfinite(v) else f"{k} inf" for k, v in summary.tau_int.items())
+    print(f"chains file       {summary.chains_file}  ({summary.n_chains} chains x "
+          f"{summary.n_samples // summary.n_chains} frames, chain-major)")
     print(f"acceptance        {acceptance}")
     if steps:
         print(f"step sizes        {steps} (frozen after warm-up)")
     print(f"tau_int [frames]  {taus}")
-    if summary["tau_unreliable"]:
-        print(f"                  (chains shorter than 50 tau for: {', '.join(summary['tau_unreliable'])})")
-    ess = summary.get("ess_samples")
-    print(f"ESS (from tau)    {ess:,.0f} of {summary['n_samples']:,} samples (n / max tau_int)" if ess is not None
+    if summary.tau_unreliable:
+        print(f"                  (chains shorter than 50 tau for: {', '.join(summary.tau_unreliable)})")
+    ess = summary.ess_samples
+    print(f"ESS (from tau)    {ess:,.0f} of {summary.n_samples:,} samples (n / max tau_int)" if math.isfinite(ess)
           else "ESS (from tau)    undefined")
-    _print_summary({**summary, "ess": None}, Path(summary["chains_file"]).parent)
+    _print_summary(summary, Path(summary.chains_file).parent)
     return 0
 
 
 def _cmd_compare(args: argparse.Namespace) -> int:
-    from boltzgen.report import compare_job
+    from boltzgen.runs.compare import compare_job
 
-    result = compare_job(args.run_dir, md_dir=args.md)
+    result = compare_job(RunDir(args.run_dir), md_dir=args.md)
     print(result["table_markdown"])
     print(f"\nwritten: {result['report']}, {result['json']}")
     return 0
@@ -284,8 +293,6 @@ COMMANDS = {"train": _cmd_train, "md": _cmd_md, "check-energy": _cmd_check_energ
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from boltzgen.errors import USER_ERRORS
-
     try:
         return COMMANDS[args.command](args)
     except USER_ERRORS as exc:

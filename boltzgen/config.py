@@ -14,11 +14,8 @@ from typing import Annotated, Any, Literal, Union
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
 
-from boltzgen.observables import resolve_states
-
-
-class ConfigError(ValueError):
-    """A bad config: the message is one line naming the file and the place."""
+from boltzgen.errors import ConfigError
+from boltzgen.states import resolve_states
 
 
 class _Strict(BaseModel):

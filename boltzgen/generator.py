@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from boltzgen.energies.base import Energy
-from boltzgen.priors import Prior
-from boltzgen.transforms import Bijection
+from boltzgen.flows.priors import Prior
+from boltzgen.flows.transforms import Bijection
 
 
 @dataclass(frozen=True)
@@ -19,7 +19,7 @@ class Sample:
     ``x``: ``[n, dim]`` states (flattened nm for molecules); ``z``: ``[n, latent_dim]`` latents;
     ``log_q``: log density of the flow at ``x``; ``u``: reduced energy; ``log_w = -u - log_q``
     (unnormalized). The last three are ``[n]`` float64; ``log_w`` is -inf where ``u`` or ``log_q``
-    is not finite (weight 0, by the DESIGN.md rule).
+    is not finite (a non-finite energy or density means weight 0).
     """
 
     x: Tensor

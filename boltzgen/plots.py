@@ -1,9 +1,15 @@
-"""Figures written as PNG: training curves, energy histograms, 2-D densities, Ramachandran plots."""
+"""Every figure of the package, written atomically as PNG.
+
+Training curves, energy histograms, 2-D densities and free-energy surfaces, Ramachandran plots,
+free-energy profiles, MCMC traces and the ΔF comparison of `compare`.
+"""
 
 from __future__ import annotations
 
 import csv
+import math
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -11,8 +17,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from boltzgen.estimators import normalized_weights  # noqa: E402
-from boltzgen.io import atomic_path  # noqa: E402
+from boltzgen.estimators.weights import normalized_weights  # noqa: E402
+from boltzgen.files import atomic_path  # noqa: E402
 
 
 def _save(fig: plt.Figure, path: Path) -> Path:
@@ -119,4 +125,50 @@ def free_energy_profiles(profiles: list[tuple[str, np.ndarray, np.ndarray, np.nd
     ax.set_xlabel(xlabel)
     ax.set_ylabel("F [kT]")
     ax.legend()
+    return _save(fig, path)
+
+
+def fes_2d(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray]], path: Path,
+           labels: tuple[str, str], vmax: float = 12.0) -> Path:
+    """Side-by-side 2-D free energies ``(title, edges0, edges1, f_kT [n0, n1])`` in kT (inf or NaN = empty)."""
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4), sharey=True, squeeze=False)
+    mesh = None
+    for ax, (title, e0, e1, f) in zip(axes[0], panels):
+        f = np.where(np.isfinite(f), f, np.nan)
+        mesh = ax.pcolormesh(e0, e1, f.T, vmin=0, vmax=vmax, cmap="viridis_r")
+        ax.set_title(title)
+        ax.set_xlabel(labels[0])
+    axes[0][0].set_ylabel(labels[1])
+    fig.colorbar(mesh, ax=list(axes[0]), label="F [kT]")
+    return _save(fig, path)
+
+
+def traces(cv: np.ndarray, u: np.ndarray, cv_label: str, path: Path, n_chains: int = 4) -> Path:
+    """Traces of a CV and of u [kT] for the first ``n_chains`` chains; both ``[chains, T]``."""
+    fig, (ax0, ax1) = plt.subplots(2, 1, figsize=(8, 5), sharex=True)
+    for c in range(min(cv.shape[0], n_chains)):
+        ax0.plot(cv[c], lw=0.6)
+        ax1.plot(u[c], lw=0.6)
+    ax0.set_ylabel(cv_label)
+    ax1.set_ylabel("u [kT]")
+    ax1.set_xlabel("kept frame")
+    return _save(fig, path)
+
+
+def delta_f_comparison(rows: list[dict[str, Any]], pair: str, path: Path) -> Path:
+    """ΔF ± standard error of each method (``{"method", "delta_f_kT", "stderr_kT"}`` rows); exact rows as lines."""
+    finite = [r for r in rows if r.get("delta_f_kT") is not None and math.isfinite(r["delta_f_kT"])]
+    shown = [r for r in finite if not r["method"].startswith("exact")]
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(shown) + 1.5))
+    for row in finite:
+        if row["method"].startswith("exact"):
+            ax.axvline(row["delta_f_kT"], color="k", ls="--", lw=1, label="exact")
+    for i, row in enumerate(shown):
+        se = row.get("stderr_kT")
+        ax.errorbar(row["delta_f_kT"], i, xerr=se if se is not None and math.isfinite(se) else None, fmt="o", capsize=4)
+    ax.set_yticks(range(len(shown)))
+    ax.set_yticklabels([r["method"] for r in shown])
+    ax.set_xlabel(f"ΔF {pair} [kT]")
+    if len(finite) > len(shown):
+        ax.legend(loc="best")
     return _save(fig, path)

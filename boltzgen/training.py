@@ -25,9 +25,9 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from boltzgen.config import TrainingStage
-from boltzgen.estimators import kish_ess
+from boltzgen.estimators.weights import kish_ess
 from boltzgen.generator import BoltzmannGenerator, log_weights
-from boltzgen.io import atomic_torch_save
+from boltzgen.files import atomic_torch_save
 
 METRIC_FIELDS = ["step", "stage", "loss", "forward_nll", "reverse_kl", "ess", "lr", "grad_norm", "n_nonfinite", "energy_evaluations", "wall_seconds"]
 
@@ -72,18 +72,20 @@ def reverse_kl_loss(
 
 
 class Trainer:
-    """Runs training stages in order, logging to ``metrics.csv`` and checkpointing to ``checkpoint.pt``.
+    """Runs training stages in order, logging a CSV row per logged step and checkpointing.
 
+    ``checkpoint_path`` and ``metrics_path`` are the checkpoint (torch) and the metrics CSV.
     ``data`` ([n, dim], the flow's dtype and device) is required by forward-KL and mixed stages.
-    Resuming restores parameters, optimizer, step, RNG states and counters, and truncates
-    ``metrics.csv`` to the checkpoint's step so no row is duplicated or lost.
+    Resuming restores parameters, optimizer, step, RNG states and counters, and truncates the
+    metrics to the checkpoint's step so no row is duplicated or lost.
     """
 
     def __init__(
         self,
         generator: BoltzmannGenerator,
         stages: list[TrainingStage],
-        out_dir: Path,
+        checkpoint_path: Path,
+        metrics_path: Path,
         data: Tensor | None = None,
         checkpoint_every: int = 500,
         log_every: int = 10,
@@ -92,12 +94,11 @@ class Trainer:
         self.generator = generator
         self.stages = stages
         self.data = data
-        self.out_dir = Path(out_dir)
         self.checkpoint_every = checkpoint_every
         self.log_every = log_every
         self.progress = progress
-        self.checkpoint_path = self.out_dir / "checkpoint.pt"
-        self.metrics_path = self.out_dir / "metrics.csv"
+        self.checkpoint_path = Path(checkpoint_path)
+        self.metrics_path = Path(metrics_path)
         self.step = 0
         self.wall_seconds = 0.0
         self.n_nonfinite = 0
@@ -217,7 +218,8 @@ class Trainer:
 
     def run(self, resume: bool = False, stop_after: int | None = None, on_log: Callable[[dict], None] | None = None) -> None:
         """Train to the end of the last stage (or ``stop_after`` steps in total, to emulate a crash)."""
-        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint()
         else:

@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from boltzgen.config import ConfigError, load_config
+from boltzgen.config import load_config
+from boltzgen.errors import ConfigError
 
 MINIMAL = """\
 name: dw

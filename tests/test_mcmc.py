@@ -1,4 +1,5 @@
-"""Tests of boltzgen.mcmc against targets whose moments are known analytically or by quadrature.
+"""Tests of boltzgen.mcmc and boltzgen.moves against targets whose moments are known analytically
+or by quadrature.
 
 Monte Carlo errors: the chains are independent, so the standard error of a chain-averaged
 observable is the standard deviation of the per-chain time averages over sqrt(n_chains); it needs no
@@ -18,19 +19,19 @@ from torch import Tensor
 
 from boltzgen.energies.base import Energy
 from boltzgen.generator import BoltzmannGenerator
-from boltzgen.mcmc import (
+from boltzgen.flows.priors import Prior
+from boltzgen.flows.transforms import Bijection
+from boltzgen.mcmc import initial_state, resample_starts, run_chains
+from boltzgen.moves import (
     CartesianMALA,
     ChainState,
     Cycle,
     IndependenceMetropolis,
     LatentHMC,
     LatentMALA,
-    Mixture,
     Move,
-    run_chains,
+    _log_gaussian_kernel,
 )
-from boltzgen.priors import Prior
-from boltzgen.transforms import Bijection
 
 N_CHAINS = 512
 N_SIGMA = 5.0
@@ -204,6 +205,41 @@ def check_double_well(result_x: Tensor, energy: DoubleWell) -> None:
     assert_close(x2**2, 1.0, "E[x2^2]")
 
 
+# ------------------------------------------------------------------ (0) chain starts
+
+
+def test_resample_starts_draws_in_proportion_to_the_weights() -> None:
+    p = torch.tensor([0.1, 0.2, 0.3, 0.4], dtype=torch.float64)
+    n = 40_000
+    idx = resample_starts(torch.log(p) - 7.0, n, torch.Generator().manual_seed(0))
+    assert idx.shape == (n,)
+    freq = torch.bincount(idx, minlength=4).double() / n
+    assert torch.all((freq - p).abs() < N_SIGMA * torch.sqrt(p * (1 - p) / n)), freq
+    again = resample_starts(torch.log(p), n, torch.Generator().manual_seed(0))
+    assert torch.equal(idx, again)  # the generator alone decides the draw
+
+
+def test_resample_starts_gives_nonfinite_weights_zero_probability() -> None:
+    log_w = torch.tensor([0.0, math.nan, math.inf, -math.inf, 1.0], dtype=torch.float64)
+    idx = resample_starts(log_w, 5000, torch.Generator().manual_seed(1))
+    assert set(idx.tolist()) == {0, 4}
+    with pytest.raises(ValueError, match="none of the 3 proposals"):
+        resample_starts(torch.tensor([math.nan, math.inf, -math.inf]), 2)
+
+
+def test_initial_state_starts_only_where_the_energy_is_finite() -> None:
+    # About a fifth of the flow samples fall outside (-2, 2), where the energy is +inf or NaN.
+    energy = TruncatedGaussian()
+    gen = BoltzmannGenerator(Prior(1), Affine([1.5], [0.0]), energy)
+    state = initial_state(gen, 256)
+    assert energy.n_nonfinite > 0
+    assert state.x.shape == (256, 1) and state.x.dtype == torch.float64
+    assert torch.isfinite(state.u).all() and (state.x.abs() < 2.0).all()
+    assert torch.allclose(state.u, energy(state.x))
+    x_of_z, _ = gen.flow(state.z)
+    assert torch.allclose(x_of_z.double(), state.x)
+
+
 # ------------------------------------------------------------------ (1) independence Metropolis
 
 
@@ -367,14 +403,15 @@ def test_cycle_of_imh_and_cartesian_mala_samples_deep_double_well() -> None:
     check_double_well(result.x, energy)
 
 
-def test_mixture_with_schedule_and_latent_after_local_move() -> None:
+def test_cycle_with_latent_after_local_move() -> None:
     energy = DoubleWell()
     gen = BoltzmannGenerator(Prior(2), SinhAffine([1.2, 1.3], [-0.2, 0.3]), energy)
     local = CartesianMALA(energy, step_size=0.3)
     latent = LatentMALA(gen, step_size=0.3)
     # The local move runs right before the latent one, which must recompute z by flow.inverse.
-    mixture = Mixture([(IndependenceMetropolis(gen), 0.5), (Cycle([local, latent]), lambda t: 0.5)])
-    result = run_chains(mixture, N_CHAINS, n_steps=200, n_warmup=50, progress=False)
+    cycle = Cycle([IndependenceMetropolis(gen), local, latent])
+    result = run_chains(cycle, N_CHAINS, n_steps=200, n_warmup=50, progress=False)
+    assert set(result.acceptance_rate) == {"imh", "cartesian_mala", "latent_mala"}
     assert all(0.05 < rate < 0.95 for rate in result.acceptance_rate.values())
     check_double_well(result.x, energy)
 
@@ -416,8 +453,6 @@ def test_circular_latent_is_wrapped_and_sampled_correctly(make_move) -> None:
 def test_wrapped_proposal_density_sums_periodic_images() -> None:
     # The MALA acceptance ratio on circular dims needs the wrapped-normal density of the proposal;
     # compare the helper with a brute-force image sum (its normalization is the same for both directions).
-    from boltzgen.mcmc import _log_gaussian_kernel
-
     d = 5.0 * torch.randn(1000, 3)
     circular = torch.tensor([True, False, True])
     shifts = 2 * math.pi * torch.arange(-60, 61, dtype=torch.float64)
@@ -434,7 +469,12 @@ def test_float32_flow_keeps_float64_energies() -> None:
     energy = DoubleWell()
     gen = BoltzmannGenerator(Prior(2), SinhAffine([1.2, 1.3], [-0.2, 0.3]), energy).to(torch.float32)
     moves = [IndependenceMetropolis(gen), LatentHMC(gen, step_size=0.1, n_leapfrog=3), CartesianMALA(energy, 0.2)]
+    # Chains started by initial_state hold float64 positions.
     result = run_chains(moves, 64, n_steps=10, n_warmup=5, progress=False)
+    assert result.x.dtype == torch.float64 and result.u.dtype == torch.float64
+    assert torch.isfinite(result.u).all()
+    # Chains keep the dtype of explicit starts.
+    result = run_chains(moves, result.final_state.x.float(), n_steps=10, progress=False)
     assert result.x.dtype == torch.float32 and result.u.dtype == torch.float64
     assert result.final_state.x.dtype == torch.float32
     assert torch.isfinite(result.u).all()

@@ -13,8 +13,8 @@ import torch
 
 from boltzgen.config import FlowConfig, TrainingStage
 from boltzgen.energies.base import Energy
-from boltzgen.estimators import kish_ess
-from boltzgen.flows import build_flow
+from boltzgen.estimators.weights import kish_ess
+from boltzgen.flows.build import build_flow
 from boltzgen.generator import BoltzmannGenerator
 from boltzgen.training import METRIC_FIELDS, Trainer, forward_kl_loss, lin_log_cut, reverse_kl_loss
 
@@ -114,7 +114,7 @@ def test_forward_kl_fits_a_shifted_scaled_gaussian(tmp_path):
     with torch.no_grad():
         nll_start = float(forward_kl_loss(generator, data))
     stage = TrainingStage(loss="forward_kl", steps=150, batch=256, lr=2e-2)
-    trainer = Trainer(generator, [stage], tmp_path, data=data, checkpoint_every=1000, log_every=50, progress=False)
+    trainer = Trainer(generator, [stage], tmp_path / "checkpoint.pt", tmp_path / "metrics.csv", data=data, checkpoint_every=1000, log_every=50, progress=False)
     trainer.run()
     with torch.no_grad():
         x = generator.sample(20_000).x
@@ -134,7 +134,7 @@ def test_reverse_kl_approaches_minus_log_z_and_high_ess(tmp_path):
     energy = GaussianEnergy()
     generator = make_generator(energy, blocks=2, actnorm=False)
     stage = TrainingStage(loss="reverse_kl", steps=150, batch=256, lr=2e-2)
-    trainer = Trainer(generator, [stage], tmp_path, checkpoint_every=1000, log_every=50, progress=False)
+    trainer = Trainer(generator, [stage], tmp_path / "checkpoint.pt", tmp_path / "metrics.csv", checkpoint_every=1000, log_every=50, progress=False)
     trainer.run()
     with torch.no_grad():
         s = generator.sample(20_000)
@@ -169,7 +169,7 @@ def test_reverse_kl_steps_reduce_the_kl(tmp_path):
 
     # Through the Trainer: from N(0, I) the reverse KL starts near KL - log Z = 2.37 - 1.12 and falls.
     stage = TrainingStage(loss="reverse_kl", steps=100, batch=256, lr=3e-3, lr_schedule="constant")
-    Trainer(generator, [stage], tmp_path, checkpoint_every=1000, log_every=1, progress=False).run()
+    Trainer(generator, [stage], tmp_path / "checkpoint.pt", tmp_path / "metrics.csv", checkpoint_every=1000, log_every=1, progress=False).run()
     kl = np.array([float(r["reverse_kl"]) for r in read_metrics(tmp_path / "metrics.csv")])
     quarters = kl.reshape(4, 25).mean(1)
     assert np.all(np.diff(quarters) < 0), quarters
@@ -182,7 +182,7 @@ def test_mixed_loss_is_the_weighted_sum(tmp_path):
     data = torch.tensor(MU) + SIGMA * torch.randn(2000, 2)
     generator = make_generator(energy, blocks=2)
     stage = TrainingStage(loss="mixed", forward_weight=0.5, reverse_weight=2.0, steps=20, batch=64)
-    Trainer(generator, [stage], tmp_path, data=data, checkpoint_every=100, log_every=5, progress=False).run()
+    Trainer(generator, [stage], tmp_path / "checkpoint.pt", tmp_path / "metrics.csv", data=data, checkpoint_every=100, log_every=5, progress=False).run()
     for row in read_metrics(tmp_path / "metrics.csv"):
         expected = 0.5 * float(row["forward_nll"]) + 2.0 * float(row["reverse_kl"])
         assert abs(float(row["loss"]) - expected) < 1e-9
@@ -212,7 +212,7 @@ def test_trainer_survives_and_counts_nonfinite_energies(tmp_path, value):
     energy = InfWhereEnergy(threshold=1.5, value=value)
     generator = make_generator(energy, blocks=2)
     stage = TrainingStage(loss="reverse_kl", steps=20, batch=256, lr=1e-3, u_max=100.0)
-    trainer = Trainer(generator, [stage], tmp_path, checkpoint_every=100, log_every=5, progress=False)
+    trainer = Trainer(generator, [stage], tmp_path / "checkpoint.pt", tmp_path / "metrics.csv", checkpoint_every=100, log_every=5, progress=False)
     trainer.run()
     rows = read_metrics(tmp_path / "metrics.csv")
     assert all(math.isfinite(float(r["loss"])) for r in rows)
@@ -245,7 +245,7 @@ def _data() -> torch.Tensor:
 
 def _trainer(out_dir: Path, init_seed: int = 0) -> Trainer:
     generator = make_generator(GaussianEnergy(), blocks=2, hidden=(16, 16), actnorm=True, init_seed=init_seed)
-    return Trainer(generator, STAGES, out_dir, data=_data(), checkpoint_every=10, log_every=5, progress=False)
+    return Trainer(generator, STAGES, out_dir / "checkpoint.pt", out_dir / "metrics.csv", data=_data(), checkpoint_every=10, log_every=5, progress=False)
 
 
 def _assert_same_state(a: dict, b: dict) -> None:

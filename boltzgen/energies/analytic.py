@@ -28,6 +28,14 @@ class AnalyticEnergy(Energy):
     def __init__(self) -> None:
         super().__init__(dim=2)
 
+    def _grid_probabilities(self, points0: np.ndarray, points1: np.ndarray) -> np.ndarray:
+        """``exp(-u)`` on the grid ``points0 x points1``, ``[n0, n1]`` float64, normalized to sum 1."""
+        g0, g1 = np.meshgrid(points0, points1, indexing="ij")
+        with torch.no_grad():
+            u = self.reduced_energy(torch.from_numpy(np.stack([g0.ravel(), g1.ravel()], axis=1))).numpy()
+        p = np.exp(-u - np.max(-u))
+        return (p / p.sum()).reshape(g0.shape)
+
     def quadrature_probabilities(
         self, states: dict[str, Callable[[dict[str, np.ndarray]], np.ndarray]], points_per_dim: int = 2001
     ) -> dict[str, float]:
@@ -38,15 +46,24 @@ class AnalyticEnergy(Energy):
         """
         edges = [np.linspace(lo, hi, points_per_dim + 1) for lo, hi in zip(self.box.lower, self.box.upper)]
         centers = [0.5 * (e[1:] + e[:-1]) for e in edges]
+        p = self._grid_probabilities(*centers).ravel()
         g0, g1 = np.meshgrid(*centers, indexing="ij")
-        x = torch.from_numpy(np.stack([g0.ravel(), g1.ravel()], axis=1))
-        with torch.no_grad():
-            u = self.reduced_energy(x).numpy()
-        log_p = -u - np.max(-u)
-        p = np.exp(log_p)
-        p /= p.sum()
         cvs = {"x0": g0.ravel(), "x1": g1.ravel()}
         return {name: float(p[np.asarray(predicate(cvs), dtype=bool)].sum()) for name, predicate in states.items()}
+
+    def bin_probabilities(self, edges0: np.ndarray, edges1: np.ndarray, sub: int = 8) -> np.ndarray:
+        """Exact probability ``[n0, n1]`` of every 2-D bin, by the midpoint rule with ``sub x sub`` points per bin.
+
+        Normalized over the bins (the quadrature box holds all but a negligible part of exp(-u)).
+        """
+        def fine(edges: np.ndarray) -> np.ndarray:
+            lo, width = edges[:-1, None], np.diff(edges)[:, None]
+            return (lo + width * (np.arange(sub) + 0.5)[None, :] / sub).ravel()
+
+        p = self._grid_probabilities(fine(edges0), fine(edges1)).reshape(len(edges0) - 1, sub, len(edges1) - 1, sub)
+        p = p * np.diff(edges0)[:, None, None, None] * np.diff(edges1)[None, None, :, None]
+        p = p.sum(axis=(1, 3))
+        return p / p.sum()
 
 
 class DoubleWell(AnalyticEnergy):
@@ -64,7 +81,9 @@ class DoubleWell(AnalyticEnergy):
 
 
 class MuellerBrown(AnalyticEnergy):
-    """u(x) = beta * V(x) with the standard Mueller-Brown constants (REFERENCES.md)."""
+    """u(x) = beta * V(x), the Mueller-Brown potential with its standard constants:
+    ``V(x) = sum_k A_k exp(a_k dx_k^2 + b_k dx_k dy_k + c_k dy_k^2)`` with ``dx_k = x0 - x0_k`` and
+    ``dy_k = x1 - y0_k``; ``beta`` is 1/kT in the units of ``V``."""
 
     box = QuadratureBox(lower=(-2.5, -1.5), upper=(1.5, 3.0))
 

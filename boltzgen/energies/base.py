@@ -22,7 +22,7 @@ class Energy(nn.Module, ABC):
 
     Shapes: ``x`` is ``[batch, dim]`` (for molecules, flattened positions in nm, ``dim = 3 * n_atoms``);
     the result is ``[batch]`` float64, dimensionless. A NaN or inf result is returned as is: callers
-    handle it by the rule in DESIGN.md (weight 0, counted), never by replacing it here.
+    give such a sample weight 0 and count it (docs/ARCHITECTURE.md), never replace it here.
     """
 
     #: Attributes that hold runtime resources, not state (OpenMM contexts, worker pools, raw

@@ -3,7 +3,7 @@
 Eager torch pays a pass over memory and a dispatch per op, so on a CPU the force field is bound by
 memory traffic, not arithmetic. ``ffkernel.c`` evaluates bonds, angles, torsions, the non-bonded
 pairs and OBC of a block of configurations in one pass, in float64, with the same formulas as
-:mod:`boltzgen.energies.torchff` (which stays the reference and the CUDA path).
+:mod:`boltzgen.energies.eager` (which stays the reference and the CUDA path).
 
 The source is compiled with the system C compiler (``$CC``, else ``cc``) into a shared library cached
 under ``$BOLTZGEN_CACHE_DIR`` (default ``~/.cache/boltzgen``), keyed by the source, the flags and the

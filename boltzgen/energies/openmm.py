@@ -35,16 +35,16 @@ from openmm import app, unit
 from torch import Tensor
 
 from boltzgen.energies.base import Energy
+from boltzgen.errors import SystemBuildError
+from boltzgen.units import kT_kJ_per_mol
 
 __all__ = [
-    "AVAILABLE_FORCEFIELDS",
     "MolecularSystem",
     "OpenMMEnergy",
-    "SystemBuildError",
     "available_forcefields",
     "available_platforms",
     "build_system",
-    "thermal_energy_kJ_per_mol",
+    "minimize_positions",
 ]
 
 _FF_DATA_DIR = Path(app.__file__).parent / "data"
@@ -52,10 +52,6 @@ _FF_DATA_DIR = Path(app.__file__).parent / "data"
 _NOT_FORCEFIELDS = {"hydrogens.xml", "glycam-hydrogens.xml", "pdbNames.xml", "residues.xml"}
 _PLATFORM_ORDER = ("Reference", "CPU", "CUDA", "OpenCL")
 _KJ_PER_MOL = unit.kilojoule_per_mole
-
-
-class SystemBuildError(ValueError):
-    """A molecular system cannot be built; the one-line message names the problem and the file."""
 
 
 def available_forcefields() -> list[str]:
@@ -67,10 +63,6 @@ def available_forcefields() -> list[str]:
     names = [p.name for p in _FF_DATA_DIR.glob("*.xml") if p.name not in _NOT_FORCEFIELDS]
     names += [f"implicit/{p.name}" for p in (_FF_DATA_DIR / "implicit").glob("*.xml")]
     return sorted(names)
-
-
-# Same function under the name used in the design notes.
-AVAILABLE_FORCEFIELDS = available_forcefields
 
 
 def available_platforms() -> list[str]:
@@ -97,11 +89,6 @@ class MolecularSystem:
     @property
     def n_atoms(self) -> int:
         return int(self.positions_nm.shape[0])
-
-
-def thermal_energy_kJ_per_mol(temperature_K: float) -> float:
-    """k_B T in kJ/mol for a temperature in K (OpenMM's value of the gas constant)."""
-    return float((unit.MOLAR_GAS_CONSTANT_R * temperature_K * unit.kelvin).value_in_unit(_KJ_PER_MOL))
 
 
 def build_system(pdb: Path | str, forcefield: Sequence[str] | str, temperature_K: float) -> MolecularSystem:
@@ -154,7 +141,7 @@ def build_system(pdb: Path | str, forcefield: Sequence[str] | str, temperature_K
         system=system,
         positions_nm=positions,
         temperature_K=float(temperature_K),
-        kT_kJ_per_mol=thermal_energy_kJ_per_mol(temperature_K),
+        kT_kJ_per_mol=kT_kJ_per_mol(temperature_K),
         mdtraj_topology=mdtraj.Topology.from_openmm(topology),
     )
 
@@ -512,11 +499,6 @@ class OpenMMEnergy(Energy):
             # Workers already use the cores; extra threads per worker only contend.
             properties.setdefault("Threads", "1")
         return properties
-
-    @property
-    def worker_processes(self) -> list[subprocess.Popen]:
-        """The live worker processes (empty when in-process or closed)."""
-        return list(self._pool.processes) if self._pool is not None else []
 
     def close(self) -> None:
         """Stop the worker processes and free the Context; the next evaluation recreates them."""

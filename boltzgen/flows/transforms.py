@@ -1,0 +1,448 @@
+"""Bijections: invertible maps with exact log-determinants, composed into flows.
+
+Convention: ``forward(z) -> (x, logdet)`` maps latent to configuration (the sampling direction);
+``inverse(x) -> (z, logdet)`` is the density direction. ``logdet`` is ``log|det dx/dz|`` for
+forward and ``log|det dz/dx|`` for inverse, shape ``[batch]``, from the same pass, so that the
+forward and inverse log-dets of the same point sum to 0.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from boltzgen.flows.nn import MLP, circular_embedding, embedding_dim
+
+
+class Bijection(nn.Module, ABC):
+    """An invertible map between ``[batch, dim_in]`` latents and ``[batch, dim_out]`` states."""
+
+    @abstractmethod
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Latent -> state. Returns ``(x, log|det dx/dz|)``, log-det of shape ``[batch]``."""
+
+    @abstractmethod
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """State -> latent. Returns ``(z, log|det dz/dx|)``, log-det of shape ``[batch]``."""
+
+
+class Compose(Bijection):
+    """``forward`` applies the layers in order; ``inverse`` applies them in reverse."""
+
+    def __init__(self, layers: Sequence[Bijection]) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = z.new_zeros(z.shape[0])
+        for layer in self.layers:
+            z, ld = layer(z)
+            logdet = logdet + ld
+        return z, logdet
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logdet = x.new_zeros(x.shape[0])
+        for layer in reversed(self.layers):
+            x, ld = layer.inverse(x)
+            logdet = logdet + ld
+        return x, logdet
+
+
+# ----------------------------------------------------------------------------------------------
+# Elementwise rational-quadratic spline (the map of neural spline flows)
+# ----------------------------------------------------------------------------------------------
+
+
+def _gather_last(t: Tensor, idx: Tensor) -> Tensor:
+    return torch.gather(t, -1, idx.unsqueeze(-1)).squeeze(-1)
+
+
+def _knots(sizes: Tensor, low: float, high: float) -> Tensor:
+    """Knot positions ``[..., K+1]`` from bin fractions ``[..., K]`` that sum to 1."""
+    inner = low + (high - low) * torch.cumsum(sizes, dim=-1)[..., :-1]
+    # The end knots are set exactly so that the domain boundaries hit the first/last bin exactly.
+    lo = torch.full_like(inner[..., :1], low)
+    hi = torch.full_like(inner[..., :1], high)
+    return torch.cat([lo, inner, hi], dim=-1)
+
+
+def rational_quadratic_spline(
+    inputs: Tensor,
+    widths: Tensor,
+    heights: Tensor,
+    derivatives: Tensor,
+    inverse: bool = False,
+    left: float = -1.0,
+    right: float = 1.0,
+    bottom: float = -1.0,
+    top: float = 1.0,
+) -> tuple[Tensor, Tensor]:
+    """Monotone rational-quadratic spline from ``[left, right]`` onto ``[bottom, top]``, elementwise.
+
+    ``inputs``: any shape ``S``. ``widths`` and ``heights``: ``S + [K]``, positive bin fractions that
+    each sum to 1 over the last axis. ``derivatives``: ``S + [K+1]``, positive slopes at the knots.
+    Inputs outside the domain are clamped into it (callers handle tails). Returns
+    ``(outputs [S], log|d out / d in| [S])``; with ``inverse=True`` the inverse map and its log-slope.
+    """
+    if inverse:
+        inputs = inputs.clamp(bottom, top)
+    else:
+        inputs = inputs.clamp(left, right)
+    cumw = _knots(widths, left, right)
+    cumh = _knots(heights, bottom, top)
+    knots_in = cumh if inverse else cumw
+    n_bins = widths.shape[-1]
+    idx = torch.searchsorted(knots_in.contiguous(), inputs.unsqueeze(-1).contiguous(), right=True).squeeze(-1)
+    idx = (idx - 1).clamp(0, n_bins - 1)
+
+    x_k = _gather_last(cumw, idx)
+    w_k = _gather_last(cumw[..., 1:] - cumw[..., :-1], idx)
+    y_k = _gather_last(cumh, idx)
+    h_k = _gather_last(cumh[..., 1:] - cumh[..., :-1], idx)
+    d_k = _gather_last(derivatives, idx)
+    d_k1 = _gather_last(derivatives[..., 1:], idx)
+    s_k = h_k / w_k
+    curv = d_k1 + d_k - 2 * s_k
+
+    if inverse:
+        dy = inputs - y_k
+        a = h_k * (s_k - d_k) + dy * curv
+        b = h_k * d_k - dy * curv
+        c = -s_k * dy
+        disc = (b * b - 4 * a * c).clamp_min(0.0)
+        # This root form avoids cancellation; the denominator is <= -b < 0 for monotone splines.
+        xi = (2 * c) / (-b - torch.sqrt(disc))
+        xi = xi.clamp(0.0, 1.0)
+        outputs = x_k + xi * w_k
+    else:
+        xi = ((inputs - x_k) / w_k).clamp(0.0, 1.0)
+        xi1 = xi * (1 - xi)
+        outputs = y_k + h_k * (s_k * xi * xi + d_k * xi1) / (s_k + curv * xi1)
+
+    xi1 = xi * (1 - xi)
+    denom = s_k + curv * xi1
+    numer = d_k1 * xi * xi + 2 * s_k * xi1 + d_k * (1 - xi) ** 2
+    logabsdet = 2 * torch.log(s_k) + torch.log(numer) - 2 * torch.log(denom)
+    return outputs, (-logabsdet if inverse else logabsdet)
+
+
+def _softplus_inverse(y: float) -> float:
+    return math.log(math.expm1(y))
+
+
+# ----------------------------------------------------------------------------------------------
+# Coupling layers
+# ----------------------------------------------------------------------------------------------
+
+
+def _as_mask(mask: Tensor | Sequence[bool] | None, dim: int, name: str) -> Tensor:
+    m = torch.zeros(dim, dtype=torch.bool) if mask is None else torch.as_tensor(mask).to(torch.bool).clone()
+    if m.shape != (dim,):
+        raise ValueError(f"{name} must have shape [{dim}], got {list(m.shape)}")
+    return m
+
+
+class _Coupling(Bijection):
+    """Shared machinery: dims with ``mask`` True are transformed elementwise, with parameters
+    predicted by an MLP from the other (conditioning) dims.
+
+    Circular conditioning dims enter the MLP as ``(cos, sin)``. When every dim is transformed the
+    MLP gets a constant input, so the layer becomes a learned elementwise map.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Tensor | Sequence[bool],
+        hidden: Sequence[int],
+        n_params: int,
+        identity_init: bool,
+        circular: Tensor | Sequence[bool] | None,
+    ) -> None:
+        super().__init__()
+        m = _as_mask(mask, dim, "mask")
+        circ = _as_mask(circular, dim, "circular")
+        if not bool(m.any()):
+            raise ValueError("coupling mask transforms no dimension")
+        self.dim = dim
+        self.register_buffer("mask", m)
+        self.register_buffer("circular", circ)
+        self.register_buffer("cond_idx", torch.nonzero(~m).flatten())
+        self.register_buffer("cond_circular", circ[~m])
+        in_dim = embedding_dim(circ[~m]) if bool((~m).any()) else 1
+        self.conditioner = MLP(in_dim, n_params, hidden, zero_last=identity_init)
+
+    def _params(self, v: Tensor) -> Tensor:
+        """Conditioner output ``[batch, n_params]`` from the full state ``v [batch, dim]``."""
+        if self.cond_idx.numel() == 0:
+            return self.conditioner(v.new_ones(v.shape[0], 1))
+        return self.conditioner(circular_embedding(v[:, self.cond_idx], self.cond_circular))
+
+
+class AffineCoupling(_Coupling):
+    """RealNVP coupling: ``x_t = z_t * exp(s) + t`` on the masked dims, ``s, t`` from the rest.
+
+    The log-scale is soft-bounded, ``s = scale_bound * tanh(raw / scale_bound)``, so one layer can
+    never scale by more than ``exp(±scale_bound)``. Transformed dims must not be circular (an affine
+    map does not preserve the circle); circular dims may condition. ``mask``/``circular``: bool ``[dim]``.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Tensor | Sequence[bool],
+        hidden: Sequence[int],
+        identity_init: bool = True,
+        scale_bound: float = 3.0,
+        circular: Tensor | Sequence[bool] | None = None,
+    ) -> None:
+        m = _as_mask(mask, dim, "mask")
+        if bool((m & _as_mask(circular, dim, "circular")).any()):
+            raise ValueError("AffineCoupling cannot transform circular dims; use SplineCoupling")
+        super().__init__(dim, m, hidden, 2 * int(m.sum()), identity_init, circular)
+        self.scale_bound = scale_bound
+        self.register_buffer("trans_idx", torch.nonzero(m).flatten())
+
+    def _shift_logscale(self, v: Tensor) -> tuple[Tensor, Tensor]:
+        shift, raw = self._params(v).chunk(2, dim=-1)
+        return shift, self.scale_bound * torch.tanh(raw / self.scale_bound)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        shift, log_s = self._shift_logscale(z)
+        x_t = z[:, self.trans_idx] * torch.exp(log_s) + shift
+        return z.index_copy(1, self.trans_idx, x_t), log_s.sum(-1)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        shift, log_s = self._shift_logscale(x)
+        z_t = (x[:, self.trans_idx] - shift) * torch.exp(-log_s)
+        return x.index_copy(1, self.trans_idx, z_t), -log_s.sum(-1)
+
+
+class AdditiveCoupling(_Coupling):
+    """NICE coupling: ``x_t = z_t + t(z_rest)``; volume preserving (log-det 0).
+
+    Transformed dims must not be circular; circular dims may condition.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Tensor | Sequence[bool],
+        hidden: Sequence[int],
+        identity_init: bool = True,
+        circular: Tensor | Sequence[bool] | None = None,
+    ) -> None:
+        m = _as_mask(mask, dim, "mask")
+        if bool((m & _as_mask(circular, dim, "circular")).any()):
+            raise ValueError("AdditiveCoupling cannot transform circular dims; use SplineCoupling")
+        super().__init__(dim, m, hidden, int(m.sum()), identity_init, circular)
+        self.register_buffer("trans_idx", torch.nonzero(m).flatten())
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        x_t = z[:, self.trans_idx] + self._params(z)
+        return z.index_copy(1, self.trans_idx, x_t), z.new_zeros(z.shape[0])
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        z_t = x[:, self.trans_idx] - self._params(x)
+        return x.index_copy(1, self.trans_idx, z_t), x.new_zeros(x.shape[0])
+
+
+class SplineCoupling(_Coupling):
+    """Rational-quadratic spline coupling (neural spline flow) with circular support.
+
+    Non-circular transformed dims: a spline on ``[-tail_bound, tail_bound]`` with boundary slopes 1
+    and the identity outside (linear tails). Circular transformed dims (angles in radians, inputs
+    expected in ``[-pi, pi]``, clamped into it): a spline of ``[-pi, pi]`` onto itself whose slope
+    at -pi equals that at pi, so it is a diffeomorphism of the circle. One layer may mix both kinds.
+
+    Per transformed dim the conditioner emits ``K`` width, ``K`` height and ``K-1`` (non-circular)
+    or ``K`` (circular) slope parameters. Slopes are ``min_derivative + softplus(raw + c)`` with
+    ``c`` such that ``raw = 0`` gives exactly 1, so with ``identity_init`` (zero last layer) the
+    layer starts as the exact identity.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        mask: Tensor | Sequence[bool],
+        hidden: Sequence[int],
+        bins: int = 8,
+        tail_bound: float = 5.0,
+        circular: Tensor | Sequence[bool] | None = None,
+        min_bin_width: float = 1e-3,
+        min_bin_height: float = 1e-3,
+        min_derivative: float = 1e-3,
+        identity_init: bool = True,
+    ) -> None:
+        m = _as_mask(mask, dim, "mask")
+        circ = _as_mask(circular, dim, "circular")
+        if bins * min_bin_width >= 1 or bins * min_bin_height >= 1:
+            raise ValueError("bins * min_bin_width (and min_bin_height) must be < 1")
+        if not 0 < min_derivative < 1:
+            raise ValueError("min_derivative must lie in (0, 1) so that slope 1 is reachable")
+        n_lin = int((m & ~circ).sum())
+        n_circ = int((m & circ).sum())
+        super().__init__(dim, m, hidden, n_lin * (3 * bins - 1) + n_circ * 3 * bins, identity_init, circ)
+        self.bins = bins
+        self.tail_bound = tail_bound
+        self.min_bin_width = min_bin_width
+        self.min_bin_height = min_bin_height
+        self.min_derivative = min_derivative
+        self._deriv_offset = _softplus_inverse(1.0 - min_derivative)
+        self.register_buffer("lin_idx", torch.nonzero(m & ~circ).flatten())
+        self.register_buffer("circ_idx", torch.nonzero(m & circ).flatten())
+
+    def _bins(self, raw_w: Tensor, raw_h: Tensor, raw_d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k = self.bins
+        widths = self.min_bin_width + (1 - k * self.min_bin_width) * torch.softmax(raw_w, dim=-1)
+        heights = self.min_bin_height + (1 - k * self.min_bin_height) * torch.softmax(raw_h, dim=-1)
+        derivs = self.min_derivative + nn.functional.softplus(raw_d + self._deriv_offset)
+        return widths, heights, derivs
+
+    def _transform(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        params = self._params(v)
+        k, batch = self.bins, v.shape[0]
+        n_lin = self.lin_idx.numel()
+        out, logdet = v, v.new_zeros(batch)
+        if n_lin:
+            p = params[:, : n_lin * (3 * k - 1)].reshape(batch, n_lin, 3 * k - 1)
+            widths, heights, inner = self._bins(p[..., :k], p[..., k : 2 * k], p[..., 2 * k :])
+            ones = torch.ones_like(inner[..., :1])
+            derivs = torch.cat([ones, inner, ones], dim=-1)
+            vals = v[:, self.lin_idx]
+            b = self.tail_bound
+            inside = (vals >= -b) & (vals <= b)
+            y, ld = rational_quadratic_spline(vals, widths, heights, derivs, inverse, -b, b, -b, b)
+            y = torch.where(inside, y, vals)
+            ld = torch.where(inside, ld, torch.zeros_like(ld))
+            out = out.index_copy(1, self.lin_idx, y)
+            logdet = logdet + ld.sum(-1)
+        n_circ = self.circ_idx.numel()
+        if n_circ:
+            p = params[:, n_lin * (3 * k - 1) :].reshape(batch, n_circ, 3 * k)
+            widths, heights, derivs = self._bins(p[..., :k], p[..., k : 2 * k], p[..., 2 * k :])
+            # Periodicity: the slope at pi is the slope at -pi.
+            derivs = torch.cat([derivs, derivs[..., :1]], dim=-1)
+            vals = v[:, self.circ_idx]
+            y, ld = rational_quadratic_spline(
+                vals, widths, heights, derivs, inverse, -math.pi, math.pi, -math.pi, math.pi
+            )
+            out = out.index_copy(1, self.circ_idx, y)
+            logdet = logdet + ld.sum(-1)
+        return out, logdet
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        return self._transform(z, inverse=False)
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self._transform(x, inverse=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Linear and elementwise layers
+# ----------------------------------------------------------------------------------------------
+
+
+class LULinear(Bijection):
+    """Glow's invertible linear map ``x = z W^T`` with ``W = P L U``.
+
+    ``P`` is a fixed permutation (buffer), ``L`` lower unit-triangular, ``U`` upper triangular with
+    diagonal ``sign * exp(log_diag)`` (``sign`` fixed), so ``log|det W| = sum(log_diag)`` and the
+    inverse takes two triangular solves. It mixes dimensions, so it must NOT be applied to circular
+    dims (an angle mixed with anything is no longer an angle). With ``identity_init`` it starts as
+    ``W = I``; otherwise ``W`` starts as a random rotation (LU-decomposed).
+    """
+
+    def __init__(self, dim: int, identity_init: bool = True) -> None:
+        super().__init__()
+        self.dim = dim
+        if identity_init:
+            perm, lower, upper = torch.eye(dim), torch.eye(dim), torch.eye(dim)
+        else:
+            q, _ = torch.linalg.qr(torch.randn(dim, dim))
+            perm, lower, upper = torch.linalg.lu(q)
+        rows, cols = torch.tril_indices(dim, dim, offset=-1)
+        self.register_buffer("lower_rows", rows)
+        self.register_buffer("lower_cols", cols)
+        self.register_buffer("perm", perm)
+        diag = torch.diagonal(upper)
+        self.register_buffer("sign", torch.sign(diag))
+        self.lower_entries = nn.Parameter(lower[rows, cols].clone())
+        self.upper_entries = nn.Parameter(upper[cols, rows].clone())
+        self.log_diag = nn.Parameter(torch.log(diag.abs()).clone())
+
+    def _factors(self) -> tuple[Tensor, Tensor]:
+        eye = torch.eye(self.dim, dtype=self.log_diag.dtype, device=self.log_diag.device)
+        lower = eye.index_put((self.lower_rows, self.lower_cols), self.lower_entries)
+        upper = torch.diag(self.sign * torch.exp(self.log_diag)).index_put(
+            (self.lower_cols, self.lower_rows), self.upper_entries
+        )
+        return lower, upper
+
+    def weight(self) -> Tensor:
+        """The matrix ``W = P L U``, ``[dim, dim]``."""
+        lower, upper = self._factors()
+        return self.perm @ lower @ upper
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        x = z @ self.weight().T
+        return x, self.log_diag.sum().expand(z.shape[0])
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        lower, upper = self._factors()
+        # z W^T = x  <=>  (z U^T) L^T = x P, solved as two right-sided triangular systems.
+        w = torch.linalg.solve_triangular(lower.T, x @ self.perm, upper=True, left=False, unitriangular=True)
+        z = torch.linalg.solve_triangular(upper.T, w, upper=False, left=False)
+        return z, (-self.log_diag.sum()).expand(x.shape[0])
+
+
+class ActNorm(Bijection):
+    """Per-dim affine map ``x = z * exp(log_scale) + shift`` with data-dependent initialization.
+
+    Rule: the first call in training mode, in either direction, sets the parameters so that *its
+    output* on that batch has zero mean and unit (biased) std per dim. So a first ``inverse(x)``
+    (density direction, e.g. training on MD data) standardizes the latent, and a first
+    ``forward(z)`` (sampling direction, e.g. reverse-KL training) standardizes the generated batch.
+    The buffer ``initialized`` records that this happened, so it survives ``state_dict``
+    save/load. The first batch needs at least 2 samples; a dim that is constant on it gets its
+    std floored at 1e-6. Must NOT be used on circular dims.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.log_scale = nn.Parameter(torch.zeros(dim))
+        self.shift = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("initialized", torch.tensor(False))
+
+    @torch.no_grad()
+    def _data_init(self, v: Tensor, inverse: bool) -> None:
+        if v.shape[0] < 2:
+            raise ValueError("ActNorm data initialization needs a batch of at least 2 samples")
+        mean = v.mean(0).to(self.shift)
+        std = v.std(0, unbiased=False).clamp_min(1e-6).to(self.shift)
+        if inverse:
+            # z = (x - shift) / scale is standardized when shift = mean, scale = std.
+            self.shift.copy_(mean)
+            self.log_scale.copy_(torch.log(std))
+        else:
+            # x = z * scale + shift is standardized when scale = 1/std, shift = -mean/std.
+            self.log_scale.copy_(-torch.log(std))
+            self.shift.copy_(-mean / std)
+        self.initialized.fill_(True)
+
+    def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self._data_init(z, inverse=False)
+        x = z * torch.exp(self.log_scale) + self.shift
+        return x, self.log_scale.sum().expand(z.shape[0])
+
+    def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        if self.training and not bool(self.initialized):
+            self._data_init(x, inverse=True)
+        z = (x - self.shift) * torch.exp(-self.log_scale)
+        return z, (-self.log_scale.sum()).expand(x.shape[0])

@@ -1,0 +1,1 @@
+"""The commands: train, md, sample, mcmc and compare, the run directory and its summary files."""

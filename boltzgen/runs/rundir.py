@@ -1,0 +1,140 @@
+"""The run directory: the one place that knows its file names.
+
+```
+runs/<name>/
+  config.yaml  checkpoint.pt  metrics.csv  samples.h5  summary.json  sample_summary.json
+  compare.json  report.md  plots/*.png
+  md/       md.h5, hot.h5, seeded_<state>.h5 (+ .ckpt.h5 while running), config.yaml, summary.json, plots/
+  umbrella/ the umbrella-sampling reference, config.yaml and summary.json
+  mcmc*/    chains.h5, summary.json, plots/   (mcmc/ by default; `mcmc --out` may name another)
+```
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from boltzgen.errors import RunError
+
+
+@dataclass(frozen=True)
+class Folder:
+    """A folder of results: its resolved config, its summary and its plots."""
+
+    path: Path
+
+    @property
+    def config(self) -> Path:
+        return self.path / "config.yaml"
+
+    @property
+    def summary(self) -> Path:
+        return self.path / "summary.json"
+
+    @property
+    def plots(self) -> Path:
+        return self.path / "plots"
+
+    def plot(self, name: str) -> Path:
+        """``plots/<name>.png``."""
+        return self.plots / f"{name}.png"
+
+
+class MCMCDir(Folder):
+    """A folder written by ``boltzgen mcmc``."""
+
+    @property
+    def chains(self) -> Path:
+        return self.path / "chains.h5"
+
+
+class MDDir(Folder):
+    """The MD baseline's folder, ``<run>/md/`` (or any folder given with ``compare --md``)."""
+
+    @property
+    def trajectory(self) -> Path:
+        """The plain MD run: the baseline's only unbiased data."""
+        return self.path / "md.h5"
+
+    @property
+    def hot_trajectory(self) -> Path:
+        return self.path / "hot.h5"
+
+    def seeded_trajectory(self, state: str) -> Path:
+        return self.path / f"seeded_{state}.h5"
+
+    @staticmethod
+    def checkpoint(trajectory: Path) -> Path:
+        """The checkpoint an MD run keeps beside its trajectory while it runs."""
+        return trajectory.with_suffix(".ckpt.h5")
+
+
+class UmbrellaDir(Folder):
+    """The umbrella-sampling reference, ``<run>/umbrella/``; its inner files belong to the simulation."""
+
+
+class RunDir(Folder):
+    """A run directory and every path inside it."""
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / "checkpoint.pt"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.csv"
+
+    @property
+    def samples(self) -> Path:
+        return self.path / "samples.h5"
+
+    @property
+    def sample_summary(self) -> Path:
+        return self.path / "sample_summary.json"
+
+    @property
+    def compare_json(self) -> Path:
+        return self.path / "compare.json"
+
+    @property
+    def report(self) -> Path:
+        return self.path / "report.md"
+
+    @property
+    def sample_fes(self) -> Path:
+        """The FES arrays of the last ``boltzgen sample``, beside its plots."""
+        return self.plots / "sample_fes.json"
+
+    @property
+    def md(self) -> MDDir:
+        return MDDir(self.path / "md")
+
+    @property
+    def umbrella(self) -> UmbrellaDir:
+        return UmbrellaDir(self.path / "umbrella")
+
+    @property
+    def mcmc(self) -> MCMCDir:
+        """The default folder of ``boltzgen mcmc``."""
+        return MCMCDir(self.path / "mcmc")
+
+    def mcmc_runs(self) -> list[MCMCDir]:
+        """Every ``mcmc*/`` folder that holds a summary, sorted by name."""
+        return [MCMCDir(p.parent) for p in sorted(self.path.glob("mcmc*/summary.json"))]
+
+    def prepare_for_training(self, resume: bool, force: bool) -> None:
+        """Refuse to overwrite a trained run unless asked; create the folders."""
+        if (self.checkpoint.exists() or self.summary.exists()) and not (resume or force):
+            raise RunError(f"{self.path} already holds a trained run; pass --resume to continue it, --force to "
+                           "overwrite it, or --out DIR to write elsewhere")
+        self.plots.mkdir(parents=True, exist_ok=True)
+
+    def require_trained(self) -> RunDir:
+        """This run directory, checked to hold a trained flow (its config and checkpoint)."""
+        if not self.path.is_dir():
+            raise RunError(f"{self.path}: no such run directory; create one with "
+                           f"`boltzgen train CONFIG --out {self.path}`")
+        for path in (self.config, self.checkpoint):
+            if not path.exists():
+                raise RunError(f"{self.path}: no {path.name}; is this a run directory written by `boltzgen train`?")
+        return self

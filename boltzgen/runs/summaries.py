@@ -1,0 +1,290 @@
+"""The summary files of a run, one frozen dataclass each, with ``to_json`` and ``from_json``.
+
+Their JSON keys are a public interface (users' scripts read them), so the field names are the keys,
+with one exception: ``from`` is a Python keyword and is the field ``from_``. Two conventions:
+
+- a float that is not finite (an undefined error bar, an infinite autocorrelation time) is ``NaN``
+  here and ``null`` in the file;
+- an optional field whose value is ``None`` is left out of the file (a molecule-only key of an
+  analytic run, say).
+
+Reading validates the shape (pydantic): a summary with a missing key or a wrong type is a
+:class:`~boltzgen.errors.DataFileError` naming the file and the key. Unknown keys are ignored, so
+files written by a later version still read.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from functools import cache
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import BeforeValidator, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic.dataclasses import dataclass
+
+from boltzgen.errors import DataFileError
+from boltzgen.estimators.free_energy import FreeEnergy
+from boltzgen.files import atomic_write_json, json_safe
+
+#: A float that JSON stores as ``null`` when it is not finite; read back as NaN.
+Float = Annotated[float, BeforeValidator(lambda value: math.nan if value is None else value)]
+
+_CONFIG = ConfigDict(extra="ignore", populate_by_name=True, arbitrary_types_allowed=True)
+S = TypeVar("S", bound="SummaryFile")
+
+
+def summary(cls: type) -> type:
+    """Decorator: a frozen, keyword-only, validating dataclass with the conventions above."""
+    return dataclass(frozen=True, kw_only=True, config=_CONFIG)(cls)
+
+
+@cache
+def _adapter(cls: type) -> TypeAdapter:
+    return TypeAdapter(cls)
+
+
+def _drop_none(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {key: _drop_none(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [_drop_none(item) for item in value]
+    return value
+
+
+class SummaryFile:
+    """Mixin of every summary: JSON conversion and atomic reading and writing."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The JSON object: keys as in the file, ``None`` fields left out, non-finite floats as ``null``."""
+        return json_safe(_drop_none(_adapter(type(self)).dump_python(self, by_alias=True)))
+
+    @classmethod
+    def from_json(cls: type[S], data: Any, source: str | Path = "summary") -> S:
+        """Validate a parsed JSON object; a bad shape is a :class:`DataFileError` naming ``source`` and the key."""
+        try:
+            return _adapter(cls).validate_python(data)
+        except ValidationError as exc:
+            error = exc.errors()[0]
+            where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+            raise DataFileError(f"{source}: {where}: {error['msg']}; is this a {cls.__name__} file "
+                                "written by boltzgen?") from None
+
+    def write(self, path: Path) -> None:
+        atomic_write_json(path, self.to_json())
+
+    @classmethod
+    def read(cls: type[S], path: Path) -> S:
+        """Read and validate ``path``; missing, unreadable or malformed files are a :class:`DataFileError`."""
+        try:
+            data = json.loads(Path(path).read_text())
+        except FileNotFoundError:
+            raise DataFileError(f"{path}: file not found") from None
+        except (OSError, UnicodeDecodeError, ValueError) as exc:
+            raise DataFileError(f"{path}: not a readable JSON file ({type(exc).__name__})") from None
+        return cls.from_json(data, path)
+
+
+# --- rows shared by the summaries ----------------------------------------------------------------
+
+@summary
+class FreeEnergyRow(SummaryFile):
+    """ΔF = F(to) - F(from) in kT with its standard error; ``exact_kT`` where quadrature knows it.
+
+    ``empty_state`` names the state that got no weight (the value is then ±inf or NaN).
+    """
+
+    from_: str = Field(alias="from")
+    to: str
+    delta_f_kT: Float
+    stderr_kT: Float
+    n_eff: Float = math.nan
+    empty_state: str | None = None
+    exact_kT: float | None = None
+
+    @classmethod
+    def of(cls, pair: tuple[str, str], estimate: FreeEnergy, exact_kT: float | None = None) -> FreeEnergyRow:
+        return cls(from_=pair[0], to=pair[1], delta_f_kT=estimate.value, stderr_kT=estimate.stderr,
+                   n_eff=estimate.n_eff, empty_state=estimate.empty_state, exact_kT=exact_kT)
+
+    @property
+    def estimable(self) -> bool:
+        return math.isfinite(self.delta_f_kT)
+
+
+@summary
+class UmbrellaFreeEnergyRow(FreeEnergyRow):
+    """A free-energy row of the flattened umbrella sampling, with its repeats and error method."""
+
+    repeats_kT: list[Float]
+    repeats_stderr_kT: list[Float]
+    repeat_spread_kT: Float
+    stderr_from_repeats_kT: Float
+    p_b: Float
+    error_method: str
+
+
+@summary
+class ThermodynamicRow(SummaryFile):
+    """f(T) - f(T_target) in kT: ``temperature_K`` for molecules, ``temperature_ratio`` for analytic systems."""
+
+    temperature_K: float | None = None
+    temperature_ratio: float | None = None
+    delta_f_kT: Float
+    stderr_kT: Float
+    n_eff: Float
+    method: str
+
+
+@summary
+class Profile(SummaryFile):
+    """A free-energy profile along a CV (radians): bin centres, F in kT and its standard error."""
+
+    centers_rad: list[float]
+    f_kT: list[Float]
+    stderr_kT: list[Float]
+    source: str | None = None
+
+
+# --- the summary files ---------------------------------------------------------------------------
+
+@summary
+class BaselineSummary(SummaryFile):
+    """The baseline that gave the training data: MALA (analytic systems) or MD (molecules).
+
+    ``n_samples``, ``energy_evaluations`` and ``wall_seconds`` are the plain run's, the only part
+    whose estimates are unbiased; ``training_data`` counts everything the flow was trained on.
+    """
+
+    source: str
+    n_samples: int
+    energy_evaluations: int
+    wall_seconds: float
+    free_energies: list[FreeEnergyRow]
+    training_data: dict[str, float]
+    acceptance_rate: dict[str, Float] | None = None
+    step_sizes: dict[str, float] | None = None
+    h5: list[str] | None = None
+    temperature_K: float | None = None
+    steps: list[int] | None = None
+
+
+@summary
+class UmbrellaSummary(SummaryFile):
+    """``umbrella/summary.json``: the flattened-umbrella reference ΔF along phi."""
+
+    method: str = "flattened_umbrella"
+    temperature_K: float
+    free_energies: list[UmbrellaFreeEnergyRow]
+    profile: Profile
+    stage1: dict[str, Any]
+    settings: dict[str, Any]
+    energy_evaluations: dict[str, int]
+    wall_seconds: float
+    call_wall_seconds: float
+    transitions: list[int]
+    n_samples: int
+    production_h5: list[str]
+
+
+@summary
+class TrainSummary(SummaryFile):
+    """``summary.json``: the flow's importance weights and ΔF after training, and the baseline's."""
+
+    name: str
+    device: str
+    ess: Float
+    n_samples: int
+    n_nonfinite: int
+    max_normalized_weight: Float
+    pareto_khat: Float
+    weights_reliable: bool
+    free_energies: list[FreeEnergyRow]
+    n_wrong_chirality: int | None = None
+    chirality_rejected: bool | None = None
+    baseline: BaselineSummary
+    umbrella: UmbrellaSummary | None = None
+    energy_evaluations: dict[str, int]
+    energy_seconds: dict[str, float]
+    training_wall_seconds: float
+    sampling_wall_seconds: float
+    n_nonfinite_training: int
+    wall_seconds: float
+
+
+@summary
+class SampleSummary(SummaryFile):
+    """``sample_summary.json``: N more flow samples, their weights, ΔF, FES and free energies at other T."""
+
+    name: str
+    method: Literal["importance_sampling"] = "importance_sampling"
+    weights: str
+    ess: Float
+    n_samples: int
+    n_nonfinite: int
+    max_normalized_weight: Float
+    pareto_khat: Float
+    weights_reliable: bool
+    ess_raw: Float | None = None
+    max_normalized_weight_raw: Float | None = None
+    ess_per_observable: dict[str, Float]
+    free_energies: list[FreeEnergyRow]
+    thermodynamic_free_energies: list[ThermodynamicRow] | None = None
+    n_wrong_chirality: int | None = None
+    chirality_rejected: bool | None = None
+    fes: dict[str, Any]
+    energy_evaluations: dict[str, int]
+    sampling_wall_seconds: float
+    samples_file: str
+    batch: int
+    wall_seconds: float
+
+
+@summary
+class MCMCSummary(SummaryFile):
+    """``mcmc/summary.json``: flow-preconditioned chains, their acceptance, autocorrelation and ΔF.
+
+    ``ess`` is ``1 / max tau_int`` (a fraction of ``n_samples``), ``ess_samples`` the number it implies.
+    """
+
+    name: str
+    method: Literal["mcmc"] = "mcmc"
+    moves: str
+    ess: Float
+    ess_samples: Float
+    n_samples: int
+    n_chains: int
+    n_steps: int
+    n_warmup: int
+    thin: int
+    n_nonfinite: int
+    free_energies: list[FreeEnergyRow]
+    acceptance_rate: dict[str, Float]
+    step_sizes: dict[str, float]
+    tau_int: dict[str, Float]
+    tau_int_units: str
+    tau_unreliable: list[str]
+    n_stuck_chains: int
+    energy_evaluations: dict[str, int]
+    mcmc_wall_seconds: float
+    chains_file: str
+    order: str
+    wall_seconds: float
+
+
+@summary
+class MDSummary(SummaryFile):
+    """``md/summary.json``: the plain MD baseline, its ΔF with block errors and autocorrelation times."""
+
+    name: str
+    method: Literal["md"] = "md"
+    source: str
+    ess: Float
+    n_samples: int
+    n_nonfinite: int
+    free_energies: list[FreeEnergyRow]
+    tau_int_frames: dict[str, Float]
+    energy_evaluations: dict[str, int]
+    md_wall_seconds: float
+    wall_seconds: float

@@ -1,0 +1,1 @@
+"""OpenMM drivers: Langevin MD with checkpoints and biased (umbrella) runs; they return dataclasses."""
