@@ -5,16 +5,77 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import shutil
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from boltzgen.errors import USER_ERRORS, RunError
+from boltzgen.config import MAX_BATCH, MAX_CHAINS, MAX_SAMPLES, MAX_STEPS, SEED_MAX
+from boltzgen.errors import USER_ERRORS, RunError, describe_environment_error
 from boltzgen.runs.rundir import RunDir
 from boltzgen.runs.summaries import FreeEnergyRow, MCMCSummary
 
+EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
 EXIT_INTERRUPTED = 130
+
+
+class _UsageError(Exception):
+    """A bad command line; :func:`main` prints it as one line and exits with 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors: the option, what is wrong, and where help is."""
+
+    def error(self, message: str) -> NoReturn:
+        raise _UsageError(f"{self.prog}: {message}; see `{self.prog} --help`")
+
+
+def _number(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def _count(low: int, high: int) -> Callable[[str], int]:
+    """An argparse type: a whole number in [low, high] (``1e6`` is accepted)."""
+    def parse(text: str) -> int:
+        value = _number(text)
+        if value != int(value):
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number")
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{text} is out of range; give {low:,} to {high:,}")
+        return int(value)
+    return parse
+
+
+def _positive(text: str) -> float:
+    """An argparse type: a finite number > 0."""
+    value = _number(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} must be greater than 0")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _number(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"{text} must not be negative")
+    return value
+
+
+def _temperatures(text: str) -> list[float]:
+    """``"290,310"`` -> ``[290.0, 310.0]``, every temperature positive and finite."""
+    return [_positive(item.strip()) for item in text.split(",")]
+
+
+_SEED = _count(0, SEED_MAX)
 
 
 def _add_config_options(parser: argparse.ArgumentParser) -> None:
@@ -26,7 +87,7 @@ def _add_config_options(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="boltzgen",
         description="Boltzmann generators: train a normalizing flow on a system's Boltzmann distribution, "
                     "reweight its samples, and compute free energies.",
@@ -58,8 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
                                        "force field (the C kernel and eager torch), prints the largest errors, and "
                                        "exits with 1 when they exceed the tolerances.")
     check.add_argument("config", type=Path, help="system YAML file of an OpenMM system")
-    check.add_argument("--n", type=int, default=16, help="number of perturbed configurations (default 16)")
-    check.add_argument("--noise-nm", type=float, default=0.01, help="Gaussian perturbation per coordinate, nm")
+    check.add_argument("--n", type=_count(1, 100_000), default=16, help="number of perturbed configurations (default 16)")
+    check.add_argument("--noise-nm", type=_non_negative, default=0.01, help="Gaussian perturbation per coordinate, nm")
     check.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     _add_job_commands(sub)
     return parser
@@ -78,12 +139,13 @@ def _add_job_commands(sub: Any) -> None:
                                         "other temperatures by MBAR) and plots/sample_fes*.png. Prints a WARNING "
                                         "when k̂ > 0.7 (the weighted estimates are then unreliable).")
     sample.add_argument("run_dir", type=Path, help="a run directory written by `boltzgen train`")
-    sample.add_argument("--n", type=int, required=True, help="number of samples, e.g. 10000000")
-    sample.add_argument("--batch", type=int, help="samples per batch (default: sampling.batch of the run's config)")
+    sample.add_argument("--n", type=_count(1, MAX_SAMPLES), required=True, help="number of samples, e.g. 10000000")
+    sample.add_argument("--batch", type=_count(1, MAX_BATCH),
+                        help="samples per batch (default: sampling.batch of the run's config)")
     sample.add_argument("--out", type=Path, help="samples file (default RUN_DIR/samples.h5, which is replaced)")
     sample.add_argument("--weights", choices=WEIGHTS, default="raw", help=WEIGHTS_HELP)
-    sample.add_argument("--seed", type=int, help="random seed (default: the run's seed)")
-    sample.add_argument("--temperatures", metavar="T1,T2,...", help=TEMPERATURES_HELP)
+    sample.add_argument("--seed", type=_SEED, help="random seed (default: the run's seed)")
+    sample.add_argument("--temperatures", type=_temperatures, metavar="T1,T2,...", help=TEMPERATURES_HELP)
     sample.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
     mcmc = sub.add_parser("mcmc", help="flow-preconditioned MCMC: independence MH, latent HMC/MALA, IMH + local MALA",
@@ -96,17 +158,20 @@ def _add_job_commands(sub: Any) -> None:
                                       "u, chain, step; mdtraj-readable for molecules) and summary.json with acceptance "
                                       "rates, autocorrelation times and ΔF with block errors into RUN_DIR/mcmc/.")
     mcmc.add_argument("run_dir", type=Path, help="a run directory written by `boltzgen train`")
-    mcmc.add_argument("--chains", type=int, default=256, help="number of parallel chains (default 256)")
-    mcmc.add_argument("--steps", type=int, default=1000, help="production steps per chain (default 1000)")
-    mcmc.add_argument("--warmup", type=int, default=200, help="warm-up steps per chain, step sizes adapt here (default 200)")
-    mcmc.add_argument("--thin", type=int, default=1, help="keep every THIN-th production state (default 1)")
+    mcmc.add_argument("--chains", type=_count(1, MAX_CHAINS), default=256, help="number of parallel chains (default 256)")
+    mcmc.add_argument("--steps", type=_count(1, MAX_STEPS), default=1000, help="production steps per chain (default 1000)")
+    mcmc.add_argument("--warmup", type=_count(0, MAX_STEPS), default=200,
+                      help="warm-up steps per chain, step sizes adapt here (default 200)")
+    mcmc.add_argument("--thin", type=_count(1, MAX_STEPS), default=1, help="keep every THIN-th production state (default 1)")
     mcmc.add_argument("--moves", choices=MOVES, default="imh", help="the Markov move (default imh)")
-    mcmc.add_argument("--step-size", type=float, help="initial latent step size of latent_hmc/latent_mala (default 0.1)")
-    mcmc.add_argument("--local-step", type=float,
+    mcmc.add_argument("--step-size", type=_positive,
+                      help="initial latent step size of latent_hmc/latent_mala (default 0.1)")
+    mcmc.add_argument("--local-step", type=_positive,
                       help="initial step size of the local MALA move of imh+mala, in units of x: nm for molecules "
                            "(default 0.002 nm), 0.1 for analytic systems")
-    mcmc.add_argument("--leapfrog", type=int, default=10, help="leapfrog steps per latent HMC step (default 10)")
-    mcmc.add_argument("--seed", type=int, help="random seed (default: the run's seed)")
+    mcmc.add_argument("--leapfrog", type=_count(1, 10_000), default=10,
+                      help="leapfrog steps per latent HMC step (default 10)")
+    mcmc.add_argument("--seed", type=_SEED, help="random seed (default: the run's seed)")
     mcmc.add_argument("--out", type=Path, help="output directory (default RUN_DIR/mcmc)")
     mcmc.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
@@ -134,8 +199,20 @@ def _free_energy_lines(rows: list[FreeEnergyRow], label: str = "") -> list[str]:
         head = f"ΔF {row.from_}→{row.to} {label:<12}" if label else f"ΔF {row.from_}→{row.to:<10}"
         text = f"{head} {_delta_f_text(row)}"
         if row.exact_kT is not None:
-            text += f"   (exact {row.exact_kT:+.4f}, error {row.delta_f_kT - row.exact_kT:+.4f})"
+            error = f", error {row.delta_f_kT - row.exact_kT:+.4f}" if row.estimable else ""
+            text += f"   (exact {row.exact_kT:+.4f}{error})"
         lines.append(text)
+    return lines
+
+
+def _log_det_lines(log_det: Any) -> list[str]:
+    """What an estimated log-det does to the weights: the estimator, the noise of log q, its bias."""
+    lines = [f"log-det           ESTIMATED: {log_det.estimator}",
+             f"                  std of log q {log_det.log_q_std:.4f} (max {log_det.log_q_std_max:.4f}) over "
+             f"{log_det.n_repeats} evaluations of {log_det.n_points} samples: the weights carry this noise"]
+    if log_det.log_q_bias is not None:
+        lines.append(f"                  mean estimate - exact log q: {log_det.log_q_bias:+.4f} ± "
+                     f"{log_det.log_q_bias_stderr:.4f}")
     return lines
 
 
@@ -145,6 +222,15 @@ def _print_summary(summary: Any, out_dir: Path) -> None:
     ess = getattr(summary, "ess", None)
     if ess is not None and not isinstance(summary, MCMCSummary):
         lines.append(f"ESS (Kish)        {ess:.4f}  ({summary.n_samples:,} samples, {summary.n_nonfinite} non-finite)")
+    log_det = getattr(summary, "log_det", None)
+    if log_det is not None:
+        lines += _log_det_lines(log_det)
+    log_z = getattr(summary, "log_z", None)
+    if log_z is not None:
+        stderr = f"{log_z.stderr:.4f}" if math.isfinite(log_z.stderr) else "n/a"
+        known = f"   exact {log_z.exact:.4f}" if log_z.exact is not None else ""
+        lines.append(f"log Z             {log_z.estimate:.4f} ± {stderr}{known}"
+                     + ("   (relative: only differences mean something)" if log_z.relative else ""))
     lines += _free_energy_lines(summary.free_energies)
     baseline = getattr(summary, "baseline", None)
     if baseline is not None:
@@ -231,11 +317,10 @@ def _cmd_check_energy(args: argparse.Namespace) -> int:
 
 def _cmd_sample(args: argparse.Namespace) -> int:
     from boltzgen.estimators.weights import KHAT_UNRELIABLE
-    from boltzgen.runs.sample import parse_temperatures, sample_job
+    from boltzgen.runs.sample import sample_job
 
-    temperatures = None if args.temperatures is None else parse_temperatures(args.temperatures)
     summary = sample_job(RunDir(args.run_dir), args.n, batch=args.batch, out=args.out, weights=args.weights,
-                         seed=args.seed, progress=not args.no_progress, temperatures=temperatures)
+                         seed=args.seed, progress=not args.no_progress, temperatures=args.temperatures)
     khat = summary.pareto_khat
     ess_obs = ", ".join(f"{key} {value:.3f}" if math.isfinite(value) else f"{key} inf"
                         for key, value in summary.ess_per_observable.items())
@@ -291,16 +376,54 @@ COMMANDS = {"train": _cmd_train, "md": _cmd_md, "check-energy": _cmd_check_energ
             "mcmc": _cmd_mcmc, "compare": _cmd_compare}
 
 
+def _output_folder(argv: list[str] | None) -> Path:
+    """The folder a command writes into, as far as its arguments say (for the disk-full check)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--out" in args[:-1]:
+        return Path(args[args.index("--out") + 1])
+    return Path(args[1]) if len(args) > 1 and args[0] in ("sample", "mcmc", "compare") else Path("runs")
+
+
+def _disk_is_full(folder: Path) -> bool:
+    for candidate in (folder, *folder.parents):
+        if candidate.exists():
+            return shutil.disk_usage(candidate).free < (1 << 20)
+    return False
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one command; bad input and faults of the environment end in one line on stderr and exit 2."""
     try:
+        args = build_parser().parse_args(argv)
         return COMMANDS[args.command](args)
+    except _UsageError as exc:
+        message = str(exc)
     except USER_ERRORS as exc:
-        print(f"boltzgen: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        message = str(exc)
     except KeyboardInterrupt:
         print("\nboltzgen: interrupted; the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except (OSError, MemoryError, RuntimeError) as exc:
+        message = describe_environment_error(exc)
+        folder = _output_folder(argv)
+        if message is None and isinstance(exc, OSError) and _disk_is_full(folder):
+            # HDF5 reports a full disk without its errno (e.g. "unexpected pos"); the free space tells.
+            message = f"{folder}: the disk is full; free space on it, or write elsewhere with --out"
+        if message is None:
+            return _internal_error(exc)
+    except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
+        return _internal_error(exc)
+    print(f"boltzgen: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
+
+
+def _internal_error(exc: BaseException) -> int:
+    if os.environ.get("BOLTZGEN_TRACEBACK"):
+        raise exc
+    first = str(exc).splitlines()[0] if str(exc) else ""
+    print(f"boltzgen: internal error: {type(exc).__name__}: {first[:200]} (a bug: please report it; "
+          "BOLTZGEN_TRACEBACK=1 shows where it happened)", file=sys.stderr)
+    return EXIT_INTERNAL_ERROR
 
 
 if __name__ == "__main__":

@@ -8,18 +8,61 @@ got -1``. The CLI prints that line and exits with status 2.
 from __future__ import annotations
 
 import copy
+import reprlib
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, ValidationError, model_validator
+from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError,
+                      ValidationInfo, field_validator, model_validator)
 
 from boltzgen.errors import ConfigError
-from boltzgen.states import resolve_states
+from boltzgen.files import unreadable_reason
+from boltzgen.states import check_state_cvs, resolve_states
+
+
+#: Seeds reach numpy, torch and OpenMM: all take 0 .. 2^32 - 1.
+SEED_MAX = 2**32 - 1
+#: Upper bounds of sizes: beyond them a run cannot fit in memory or finish, so they are refused up front.
+MAX_THREADS = 256
+MAX_BLOCKS = 256
+MAX_WIDTH = 16384
+MAX_BINS = 512
+MAX_CHAINS = 10**7
+MAX_STEPS = 10**10
+MAX_BATCH = 10**8
+MAX_SAMPLES = 10**10
+#: Bound of the analytic potentials' coefficients (beyond it float32 flows overflow).
+MAX_COEFFICIENT = 1e6
+#: A temperature beyond which no force field is meant to be used (K).
+MAX_TEMPERATURE_K = 10_000.0
+#: Without constraints, Langevin MD of a molecule blows up beyond a few fs; 10 fs is a hard stop.
+MAX_TIMESTEP_FS = 10.0
+#: A state expression longer than this is refused (the parser and evaluator recurse into it).
+MAX_STATE_EXPRESSION = 2_000
+MAX_STATES = 64
+#: An OpenMM platform name; whether it is installed is checked when the system is built.
+Platform = Literal["auto", "Reference", "CPU", "CUDA", "OpenCL", "HIP"]
+Seed = Annotated[int, Field(ge=0, le=SEED_MAX)]
+Temperature = Annotated[float, Field(gt=0, le=MAX_TEMPERATURE_K)]
+StateName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", max_length=64)]
+StateExpression = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STATE_EXPRESSION)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # Every float must be finite: an infinite lr, temperature or potential parameter is a mistake.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, data: Any) -> Any:
+        # pydantic reads `true` as 1 for a number; in a config that is a slip, not a value.
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                    raise ValueError(f"{key}: a yes/no value where a number or text belongs, got {value}")
+        return data
 
 
 # --- systems -------------------------------------------------------------------------------------
@@ -27,17 +70,37 @@ class _Strict(BaseModel):
 class DoubleWellSystem(_Strict):
     """u = a x0^4 - b x0^2 + c x0 + x1^2/2 (Noé et al. 2019 with a=1, b=6, c=1), in kT."""
 
+    dim: ClassVar[int] = 2
     type: Literal["double_well"]
-    a: PositiveFloat = 1.0
-    b: float = 6.0
-    c: float = 1.0
+    a: float = Field(default=1.0, gt=0, le=MAX_COEFFICIENT)
+    b: float = Field(default=6.0, ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)
+    c: float = Field(default=1.0, ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)
 
 
 class MuellerBrownSystem(_Strict):
     """u = beta * V_MB(x0, x1) with the standard Mueller-Brown constants."""
 
+    dim: ClassVar[int] = 2
     type: Literal["mueller_brown"]
-    beta: PositiveFloat = 0.1
+    beta: float = Field(default=0.1, gt=0, le=MAX_COEFFICIENT)
+
+
+class ManyWellSystem(_Strict):
+    """dim/2 independent 2-D double wells x1^4 - 6 x1^2 - 0.5 x1 + 0.5 x2^2 (the FAB benchmark; 32-D: 2^16 modes)."""
+
+    type: Literal["many_well"]
+    dim: int = Field(default=32, ge=2, le=1024, multiple_of=2)
+
+
+class GaussianMixtureSystem(_Strict):
+    """A 2-D mixture of equal-weight Gaussians, means uniform in [-loc_scale, loc_scale]^2 from ``seed`` (log Z = 0)."""
+
+    dim: ClassVar[int] = 2
+    type: Literal["gmm"]
+    n_modes: int = Field(default=40, ge=1, le=10_000)
+    loc_scale: PositiveFloat = 40.0
+    scale: PositiveFloat = 1.3132616875182228  # softplus(1), as published
+    seed: Seed = 0
 
 
 class OpenMMSystem(_Strict):
@@ -46,34 +109,113 @@ class OpenMMSystem(_Strict):
     type: Literal["openmm"]
     pdb: Path
     forcefield: list[str] = Field(min_length=1)
-    temperature_K: PositiveFloat = 300.0
+    temperature_K: Temperature = 300.0
     energy_backend: Literal["torch", "openmm"] = "torch"
-    platform: str = "auto"
-    n_workers: PositiveInt = 1
+    platform: Platform = "auto"
+    n_workers: int = Field(default=1, ge=1, le=MAX_THREADS)
 
 
-System = Annotated[Union[DoubleWellSystem, MuellerBrownSystem, OpenMMSystem], Field(discriminator="type")]
+System = Annotated[Union[DoubleWellSystem, MuellerBrownSystem, ManyWellSystem, GaussianMixtureSystem, OpenMMSystem],
+                   Field(discriminator="type")]
 
 
 # --- flow and coordinates ------------------------------------------------------------------------
 
 class CoordinatesConfig(_Strict):
-    """How the flow sees a configuration: as is, or as internal / mixed coordinates."""
+    """How the flow sees a configuration: as is, or as internal / mixed coordinates.
+
+    ``scale`` (analytic systems): the flow's last layer, a trainable per-dimension affine map, starts
+    as x = scale * y, so that a target much wider than N(0, 1) (the GMM's modes span [-40, 40]) lies
+    within the untrained flow's reach; training without data needs that, as nothing else tells the
+    flow where the target is.
+    """
 
     type: Literal["identity", "internal", "mixed"] = "identity"
-    cartesian_atoms: list[int] | None = None
+    cartesian_atoms: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
     reject_wrong_chirality: bool = False
+    scale: PositiveFloat = 1.0
+
+
+class AutoregressiveSettings(_Strict):
+    """``maf`` and ``iaf``: the elementwise transformer (``spline`` uses ``flow.bins``, ``flow.tail_bound``)."""
+
+    transformer: Literal["affine", "spline"] = "spline"
+
+
+class ResidualSettings(_Strict):
+    """``iresnet`` (power series, ``n_terms``) and ``residual_flow`` (Russian roulette, ``exact_terms``,
+    ``roulette_p``): the residual branch's Lipschitz bound, the log-det estimator's settings, the
+    fixed-point inverse. ``exact_log_det: true`` computes the log-det exactly instead (``dim``
+    vector-Jacobian products per block): exact weights, for small dims."""
+
+    lipschitz: float = Field(default=0.9, gt=0.0, lt=1.0)
+    n_terms: int = Field(default=5, ge=1, le=100)
+    exact_terms: int = Field(default=2, ge=0, le=100)
+    roulette_p: float = Field(default=0.5, gt=0.0, lt=1.0)
+    hutchinson_samples: int = Field(default=1, ge=1, le=100)
+    exact_log_det: bool = False
+    fixed_point_tol: PositiveFloat = 1e-6
+    fixed_point_max_iter: int = Field(default=500, ge=1, le=100_000)
+
+
+class SylvesterSettings(_Strict):
+    """``sylvester``: how ``Q`` is built (``orthogonal`` with ``m`` columns, ``householder`` with
+    ``reflections``, ``triangular``); ``m`` and ``reflections`` default to the dimension."""
+
+    variant: Literal["orthogonal", "householder", "triangular"] = "orthogonal"
+    m: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
+    reflections: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
+
+
+#: The flow types whose settings live in each sub-section of ``flow``.
+FLOW_SETTINGS_OWNERS = {"autoregressive": ("maf", "iaf"), "residual": ("iresnet", "residual_flow"),
+                        "sylvester": ("sylvester",)}
 
 
 class FlowConfig(_Strict):
-    type: Literal["neural_spline", "real_nvp", "nice"] = "neural_spline"
-    blocks: PositiveInt = 8
-    hidden: list[PositiveInt] = Field(default_factory=lambda: [64, 64])
-    bins: PositiveInt = 8
-    tail_bound: PositiveFloat = 5.0
+    """The flow: its family (``type``), ``blocks`` layers of it, their networks and the family's settings.
+
+    Coupling flows: ``neural_spline``, ``real_nvp``, ``nice``; autoregressive: ``maf``, ``iaf``
+    (``autoregressive``); residual: ``iresnet``, ``residual_flow`` (``residual``); and, for reverse-KL
+    training only (no inverse): ``planar``, ``radial``, ``sylvester`` (``sylvester``). ``householder: k``
+    adds an orthogonal layer of ``k`` Householder reflections after each block (like ``lu``).
+    """
+
+    type: Literal["neural_spline", "real_nvp", "nice", "maf", "iaf", "iresnet", "residual_flow", "planar", "radial",
+                  "sylvester"] = "neural_spline"
+    blocks: int = Field(default=8, ge=1, le=MAX_BLOCKS)
+    hidden: list[Annotated[int, Field(ge=1, le=MAX_WIDTH)]] = Field(default_factory=lambda: [64, 64], min_length=1,
+                                                                    max_length=16)
+    bins: int = Field(default=8, ge=2, le=MAX_BINS)
+    tail_bound: float = Field(default=5.0, gt=0, le=1_000.0)
     lu: bool = False
     actnorm: bool = True
     identity_init: bool = True
+    householder: int = Field(default=0, ge=0, le=MAX_WIDTH)
+    autoregressive: AutoregressiveSettings | None = None
+    residual: ResidualSettings | None = None
+    sylvester: SylvesterSettings | None = None
+
+    @field_validator("autoregressive", "residual", "sylvester")
+    @classmethod
+    def _settings_of_this_type(cls, value: _Strict | None, info: ValidationInfo) -> _Strict | None:
+        owners = FLOW_SETTINGS_OWNERS[info.field_name]
+        flow_type = info.data.get("type")
+        if value is not None and flow_type is not None and flow_type not in owners:
+            raise ValueError(f"these settings apply to flow.type {' or '.join(owners)}, not {flow_type}")
+        return value
+
+    @property
+    def autoregressive_settings(self) -> AutoregressiveSettings:
+        return self.autoregressive or AutoregressiveSettings()
+
+    @property
+    def residual_settings(self) -> ResidualSettings:
+        return self.residual or ResidualSettings()
+
+    @property
+    def sylvester_settings(self) -> SylvesterSettings:
+        return self.sylvester or SylvesterSettings()
 
 
 # --- data ------------------------------------------------------------------------------------------
@@ -81,12 +223,18 @@ class FlowConfig(_Strict):
 class BaselineConfig(_Strict):
     """Batched MALA on an analytic energy: the counterpart of MD for toy systems."""
 
-    chains: PositiveInt = 256
-    steps: PositiveInt = 2000
-    warmup: int = Field(default=500, ge=0)
-    step_size: PositiveFloat = 0.05
+    chains: int = Field(default=256, ge=1, le=MAX_CHAINS)
+    steps: int = Field(default=2000, ge=1, le=MAX_STEPS)
+    warmup: int = Field(default=500, ge=0, le=MAX_STEPS)
+    step_size: float = Field(default=0.05, gt=0, le=100.0)
     thin: PositiveInt = 10
-    init_scale: PositiveFloat = 2.0
+    init_scale: float = Field(default=2.0, gt=0, le=10_000.0)
+
+    @model_validator(mode="after")
+    def _thin_within_steps(self) -> "BaselineConfig":
+        if self.thin > self.steps:
+            raise ValueError(f"thin ({self.thin}) must not exceed steps ({self.steps}): no state would be kept")
+        return self
 
 
 class MDConfig(_Strict):
@@ -99,19 +247,28 @@ class MDConfig(_Strict):
     so they never enter the MD baseline's estimates.
     """
 
-    steps: PositiveInt = 200_000
-    timestep_fs: PositiveFloat = 1.0
-    friction_per_ps: PositiveFloat = 1.0
+    steps: int = Field(default=200_000, ge=1, le=MAX_STEPS)
+    timestep_fs: float = Field(default=1.0, gt=0, le=MAX_TIMESTEP_FS)
+    friction_per_ps: float = Field(default=1.0, gt=0, le=10_000.0)
     report_every: PositiveInt = 100
-    temperature_K: PositiveFloat | None = None
-    seed: int = 0
-    platform: str = "Reference"
+    temperature_K: Temperature | None = None
+    seed: Seed = 0
+    platform: Platform = "Reference"
     data: Path | None = None
     seed_states: bool = False
     seed_below_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
-    seeded_steps: PositiveInt | None = None
-    hot_temperature_K: PositiveFloat = 1000.0
-    hot_steps: PositiveInt = 500_000
+    seeded_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+    hot_temperature_K: Temperature = 1000.0
+    hot_steps: int = Field(default=500_000, ge=1, le=MAX_STEPS)
+
+    @model_validator(mode="after")
+    def _runs_are_multiples_of_report_every(self) -> "MDConfig":
+        runs = {"steps": self.steps, "hot_steps": self.hot_steps, "seeded_steps": self.seeded_steps or self.steps}
+        for key, steps in runs.items():
+            if steps % self.report_every:
+                raise ValueError(f"{key} ({steps}) must be a multiple of report_every ({self.report_every}), "
+                                 "the frames MD stores")
+        return self
 
 
 class UmbrellaConfig(_Strict):
@@ -119,62 +276,153 @@ class UmbrellaConfig(_Strict):
     cannot cross. Stage 1, short multi-window umbrella sampling + MBAR, gives a rough profile F(phi);
     stage 2 runs ``n_repeats`` long MD runs under the bias -min(F, f_cap) and reweights them."""
 
-    stage1_spacing_deg: PositiveFloat = 10.0
+    stage1_spacing_deg: float = Field(default=10.0, gt=0, le=180)
     stage1_k_kJ_per_mol_rad2: PositiveFloat = 200.0
-    stage1_steps_per_window: PositiveInt = 20_000
+    stage1_steps_per_window: int = Field(default=20_000, ge=1, le=MAX_STEPS)
     stage1_skip_deg: list[tuple[float, float]] = Field(default_factory=lambda: [(115.0, 135.0)])
     f_cap_kT: PositiveFloat = 18.0
-    production_steps: PositiveInt = 5_000_000
-    n_repeats: PositiveInt = 2
+    production_steps: int = Field(default=5_000_000, ge=1, le=MAX_STEPS)
+    n_repeats: int = Field(default=2, ge=1, le=MAX_THREADS)
     report_every: PositiveInt = 100
-    platform: str = "Reference"
+    platform: Platform = "Reference"
+
+    @model_validator(mode="after")
+    def _runs_are_multiples_of_report_every(self) -> "UmbrellaConfig":
+        # Each window starts with 2,000 equilibration steps and production with 10,000, both stored.
+        runs = {"stage1_steps_per_window": self.stage1_steps_per_window, "production_steps": self.production_steps}
+        for key, steps in runs.items():
+            if steps % self.report_every or 2_000 % self.report_every:
+                raise ValueError(f"{key} ({steps}) and the equilibration (2,000 steps) must be multiples of "
+                                 f"report_every ({self.report_every})")
+        if self.production_steps <= 10_000:
+            raise ValueError(f"production_steps ({self.production_steps}) must exceed the 10,000 equilibration steps")
+        return self
 
 
 # --- training and sampling --------------------------------------------------------------------
+
+class AISConfig(_Strict):
+    """Annealed importance sampling of a ``fab`` stage: from the flow q to p^2/q through
+    ``intermediate`` geometric intermediates q^(1-b) (p^2/q)^b (b evenly spaced in (0, 1)), each with
+    ``hmc_steps`` HMC transitions of ``leapfrog`` steps in the flow's latent space. The step sizes
+    (one per intermediate, latent units) start at ``step_size`` and, with ``adapt_step_size``,
+    follow the acceptance toward ``target_accept`` after every AIS batch."""
+
+    intermediate: int = Field(default=2, ge=0, le=1000)
+    hmc_steps: int = Field(default=1, ge=1, le=100)
+    leapfrog: int = Field(default=5, ge=1, le=1000)
+    step_size: PositiveFloat = 0.1
+    adapt_step_size: bool = True
+    target_accept: float = Field(default=0.65, gt=0.0, lt=1.0)
+
+
+class ReplayConfig(_Strict):
+    """The prioritized replay buffer of a ``fab`` stage: the last ``size`` AIS samples with their
+    log-weights; each AIS batch of ``batch`` samples is followed by ``updates`` gradient steps on
+    ``updates`` minibatches drawn at once, without replacement, with probability proportional to the
+    weights (the first AIS batches fill it to ``min_size``, at least ``updates x batch``). A reused
+    sample's weight is corrected by q_old/q (at most ``max_weight_adjust``)."""
+
+    size: int = Field(default=262144, ge=2, le=MAX_SAMPLES)
+    min_size: int = Field(default=65536, ge=1, le=MAX_SAMPLES)
+    updates: int = Field(default=4, ge=1, le=1000)
+    max_weight_adjust: PositiveFloat = 10.0
+
+    @model_validator(mode="after")
+    def _min_below_size(self) -> "ReplayConfig":
+        if self.min_size > self.size:
+            raise ValueError(f"min_size ({self.min_size}) must not exceed size ({self.size})")
+        return self
+
+
+class FABConfig(_Strict):
+    """The settings of a ``fab`` stage: its AIS and its replay buffer (``replay: null``: no buffer, each
+    step trains on a fresh AIS batch)."""
+
+    ais: AISConfig = AISConfig()
+    replay: ReplayConfig | None = ReplayConfig()
+
+
+class AnnealingConfig(_Strict):
+    """Temperature annealing of an ``annealing`` stage (TA-BG): ``temperatures`` are factors of the
+    target temperature, decreasing to 1. The first ``hot_fraction`` of the steps trains by reverse KL
+    at the first; the rest are shared by the others: at each, ``samples`` flow samples are drawn,
+    reweighted to it and fitted by maximum likelihood (minibatches resampled by weight), drawn afresh
+    every ``resample_every`` steps if set."""
+
+    temperatures: list[PositiveFloat] = Field(min_length=2, max_length=1000)
+    hot_fraction: float = Field(default=0.5, ge=0.0, lt=1.0)
+    samples: int = Field(default=20000, ge=2, le=MAX_SAMPLES)
+    resample_every: int | None = Field(default=None, ge=1, le=MAX_STEPS)
+
+    @model_validator(mode="after")
+    def _decreasing_to_one(self) -> "AnnealingConfig":
+        t = self.temperatures
+        if any(a <= b for a, b in zip(t, t[1:])) or t[-1] != 1.0:
+            raise ValueError(f"temperatures must decrease strictly and end at 1.0, got {t}")
+        return self
+
 
 class TrainingStage(_Strict):
     """One stage of training.
 
     ``loss``: ``forward_kl`` (maximum likelihood on data), ``reverse_kl`` (energy-based, reparametrized)
-    or ``mixed`` (``forward_weight * forward + reverse_weight * reverse``).
+    or ``mixed`` (``forward_weight * forward + reverse_weight * reverse``); without data, ``fab``
+    (flow annealed importance sampling bootstrap: the alpha = 2 divergence estimated by AIS toward
+    p^2/q, settings in ``fab``: its ``ais`` and ``replay``, see :class:`FABConfig`) or
+    ``annealing`` (reverse KL hot, then reweighting down a temperature ladder; settings in ``annealing``).
     ``u_max``: reduced energies above it are cut lin-log, u -> u_max + log(1 + u - u_max), in the
     reverse KL, so that clashes give large but finite gradients.
     ``temperature_factor``: the reverse KL targets u / temperature_factor (annealing: > 1 is hotter).
     """
 
-    loss: Literal["forward_kl", "reverse_kl", "mixed"]
-    steps: PositiveInt
-    batch: PositiveInt = 256
-    lr: PositiveFloat = 1e-3
+    loss: Literal["forward_kl", "reverse_kl", "mixed", "fab", "annealing"]
+    fab: FABConfig | None = None
+    annealing: AnnealingConfig | None = None
+    steps: int = Field(ge=1, le=MAX_STEPS)
+    batch: int = Field(default=256, ge=1, le=MAX_BATCH)
+    lr: float = Field(default=1e-3, gt=0, le=1.0)
     lr_schedule: Literal["constant", "cosine"] = "cosine"
-    grad_clip: PositiveFloat = 10.0
-    weight_decay: float = Field(default=0.0, ge=0.0)
-    forward_weight: float = Field(default=1.0, ge=0.0)
-    reverse_weight: float = Field(default=1.0, ge=0.0)
-    u_max: float = 1e4
-    temperature_factor: PositiveFloat = 1.0
+    grad_clip: float = Field(default=10.0, gt=0, le=1e6)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    forward_weight: float = Field(default=1.0, ge=0.0, le=1e6)
+    reverse_weight: float = Field(default=1.0, ge=0.0, le=1e6)
+    u_max: float = Field(default=1e4, ge=-1e12, le=1e12)
+    temperature_factor: float = Field(default=1.0, gt=0, le=1e6)
 
     @model_validator(mode="after")
     def _weights_not_both_zero(self) -> "TrainingStage":
         if self.loss == "mixed" and self.forward_weight == 0 and self.reverse_weight == 0:
             raise ValueError("a mixed stage needs forward_weight or reverse_weight > 0")
+        if self.loss == "annealing" and self.annealing is None:
+            raise ValueError("an annealing stage needs its settings: annealing: {temperatures: [4.0, 2.0, 1.0]}")
+        replay = self.fab_settings.replay
+        if self.loss == "fab" and replay is not None and replay.min_size < replay.updates * self.batch:
+            raise ValueError(f"fab.replay.min_size ({replay.min_size}) must be at least updates x batch "
+                             f"({replay.updates} x {self.batch}), the samples drawn for one round of updates")
         return self
+
+    @property
+    def fab_settings(self) -> FABConfig:
+        """``fab``, or the defaults when the stage gives none."""
+        return self.fab if self.fab is not None else FABConfig()
 
 
 class SamplingConfig(_Strict):
-    n: PositiveInt = 100_000
-    batch: PositiveInt = 65536
-    n_bootstrap: PositiveInt = 200
+    n: int = Field(default=100_000, ge=1, le=MAX_SAMPLES)
+    batch: int = Field(default=65536, ge=1, le=MAX_BATCH)
+    n_bootstrap: int = Field(default=200, ge=2, le=100_000)
 
 
 class Config(_Strict):
     """A whole run: the system, how to get data, the flow, training stages, sampling and states."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
-    seed: int = 0
+    # A name is a folder name: no "..", no leading dot or dash, not too long for a file system.
+    name: str = Field(pattern=r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$", max_length=100)
+    seed: Seed = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
     dtype: Literal["float32", "float64"] = "float32"
-    cpu_threads: PositiveInt = 1
+    cpu_threads: int = Field(default=1, ge=1, le=MAX_THREADS)
     system: System
     coordinates: CoordinatesConfig = CoordinatesConfig()
     flow: FlowConfig = FlowConfig()
@@ -183,9 +431,9 @@ class Config(_Strict):
     umbrella: UmbrellaConfig = UmbrellaConfig()
     training: list[TrainingStage] = Field(min_length=1)
     sampling: SamplingConfig = SamplingConfig()
-    states: dict[str, str] = Field(default_factory=dict)
-    checkpoint_every: PositiveInt = 500
-    log_every: PositiveInt = 10
+    states: dict[StateName, StateExpression] = Field(default_factory=dict, max_length=MAX_STATES)
+    checkpoint_every: int = Field(default=500, ge=1, le=MAX_STEPS)
+    log_every: int = Field(default=10, ge=1, le=MAX_STEPS)
 
     @property
     def total_steps(self) -> int:
@@ -197,11 +445,19 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("double_well", "mueller_brown", "openmm"):
+        elif part in ("double_well", "mueller_brown", "many_well", "gmm", "openmm"):
             continue  # the union's tag adds nothing for the user: the path already says `system`
         else:
             text += f".{part}" if text else str(part)
     return text or "(top level)"
+
+
+def _shorten(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a YAML of aliases can expand to megabytes)."""
+    short = reprlib.Repr()
+    short.maxlevel, short.maxstring, short.maxother = 2, limit, limit
+    text = short.repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def _format_error(source: str, err: dict[str, Any]) -> str:
@@ -210,7 +466,10 @@ def _format_error(source: str, err: dict[str, Any]) -> str:
         return f"{source}: {where}: unknown key (check the spelling; see the README for the keys)"
     if err["type"] == "missing":
         return f"{source}: {where}: required key is missing"
-    return f"{source}: {where}: {err['msg']}, got {err['input']!r}"
+    if err["type"] == "value_error":  # a check of several keys: its message says what is wrong
+        return f"{source}: {where}: {err['ctx']['error']}"
+    message = err["msg"].replace("\n", " ")
+    return f"{source}: {where}: {message}, got {_shorten(err['input'])}"
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
@@ -222,6 +481,9 @@ def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
         key: Any = int(part) if isinstance(node, list) and part.lstrip("-").isdigit() else part
         if isinstance(node, list) and not isinstance(key, int):
             raise ConfigError(f"--set {dotted}: '{part}' indexes a list; use a number")
+        if not isinstance(node, (dict, list)):
+            done = ".".join(parts[:i])
+            raise ConfigError(f"--set {dotted}: {done} is a single value ({_shorten(node)}), not a section with keys")
         if last:
             if isinstance(node, list) and not -len(node) <= key < len(node):
                 raise ConfigError(f"--set {dotted}: index {key} is out of range")
@@ -256,10 +518,10 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     config file's folder, and the files must exist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(_read_text(path))
+    except RecursionError:
+        raise ConfigError(f"{path}: the YAML is nested too deeply") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "somewhere"
@@ -277,21 +539,44 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     return config, config.model_dump(mode="json")
 
 
+#: A config is a few kilobytes; anything much larger is not one.
+MAX_CONFIG_BYTES = 1 << 20
+
+
+def _read_text(path: Path) -> str:
+    """The config's text; a missing, unreadable, oversized or non-UTF-8 file is a one-line ConfigError."""
+    reason = unreadable_reason(path)
+    if reason is not None:
+        raise ConfigError(f"{path}: config {reason}")
+    data = path.read_bytes()
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"{path}: {len(data):,} bytes is too large for a config (at most {MAX_CONFIG_BYTES:,})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}); save the config as UTF-8 YAML") from None
+
+
+def _resolve_file(path: Path, key: str, value: Path) -> Path:
+    resolved = value if value.is_absolute() else (path.parent / value).resolve()
+    reason = unreadable_reason(resolved)
+    if reason is not None:
+        raise ConfigError(f"{path}: {key}: {reason}: {resolved}")
+    return resolved
+
+
 def _resolve_files(config: Config, path: Path) -> Config:
-    base = path.parent
     updates: dict[str, Any] = {}
     if isinstance(config.system, OpenMMSystem):
-        pdb = config.system.pdb if config.system.pdb.is_absolute() else (base / config.system.pdb).resolve()
-        if not pdb.is_file():
-            raise ConfigError(f"{path}: system.pdb: file not found: {pdb}")
+        pdb = _resolve_file(path, "system.pdb", config.system.pdb)
         updates["system"] = config.system.model_copy(update={"pdb": pdb})
     if config.md.data is not None:
-        data = config.md.data if config.md.data.is_absolute() else (base / config.md.data).resolve()
-        if not data.is_file():
-            raise ConfigError(f"{path}: md.data: file not found: {data}")
-        updates["md"] = config.md.model_copy(update={"data": data})
+        updates["md"] = config.md.model_copy(update={"data": _resolve_file(path, "md.data", config.md.data)})
     try:
-        resolve_states(config.states)
+        states = resolve_states(config.states)
+        dim = getattr(config.system, "dim", None)  # analytic systems; a molecule's CVs come from its topology
+        if dim is not None:
+            check_state_cvs(states, [f"x{i}" for i in range(dim)])
     except ValueError as exc:
         raise ConfigError(f"{path}: states: {exc}") from None
     return config.model_copy(update=updates) if updates else config

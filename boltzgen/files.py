@@ -7,9 +7,12 @@ a non-finite float is written as ``null`` (:func:`json_safe`).
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -75,3 +78,41 @@ def json_safe(value: Any) -> Any:
 def atomic_torch_save(obj: Any, path: str | Path) -> None:
     with atomic_path(path) as tmp:
         torch.save(obj, tmp)
+
+
+def unreadable_reason(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as an input file (missing, a folder, a FIFO, no permission), or ``None``.
+
+    A FIFO or device is refused before it is opened, since reading one can block forever.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "file not found"
+    except PermissionError:
+        return "cannot be read (permission denied)"
+    except OSError as exc:
+        return f"cannot be read ({exc.strerror or type(exc).__name__})"
+    if stat.S_ISDIR(mode):
+        return "is a directory, not a file"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, socket or device)"
+    if not os.access(path, os.R_OK):
+        return "cannot be read (permission denied)"
+    return None
+
+
+#: Room kept free beyond what a write needs: file-system and HDF5 metadata.
+SPACE_MARGIN_BYTES = 4 << 20
+
+
+def ensure_free_space(path: str | Path, n_bytes: int) -> None:
+    """Raise ``OSError(ENOSPC)`` naming ``path`` unless its disk has ``n_bytes`` plus a margin free.
+
+    HDF5 crashes the process when it closes a file after a write failed for lack of space, so the
+    HDF5 writers check first and never let it reach a full disk.
+    """
+    folder = Path(path).parent
+    if shutil.disk_usage(folder).free < n_bytes + SPACE_MARGIN_BYTES:
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))

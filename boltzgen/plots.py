@@ -38,6 +38,11 @@ def training_curves(metrics_csv: Path, path: Path) -> Path:
         values = np.array([float(r[key]) for r in rows])
         if np.isfinite(values).any():
             ax_loss.plot(step, values, label=label)
+    # FAB and the annealing stage's reweighted fits log neither: their loss is -sum w̄ log q.
+    other = np.array([float(r["loss"]) if r["forward_nll"] in ("", "nan") and r["reverse_kl"] in ("", "nan")
+                      else np.nan for r in rows])
+    if np.isfinite(other).any():
+        ax_loss.plot(step, other, label="-Σ w̄ log q  (FAB, annealing: reweighted NLL)")
     ax_loss.set_xlabel("step")
     ax_loss.set_ylabel("loss")
     ax_loss.legend(fontsize=8)
@@ -171,4 +176,64 @@ def delta_f_comparison(rows: list[dict[str, Any]], pair: str, path: Path) -> Pat
     ax.set_xlabel(f"ΔF {pair} [kT]")
     if len(finite) > len(shown):
         ax.legend(loc="best")
+    return _save(fig, path)
+
+
+#: Panels of :func:`stage_diagnostics`: (title, y label, diagnostics keys or prefixes, log y axis).
+_DIAGNOSTIC_PANELS = [
+    ("effective sample size", "ESS / N (Kish)", ["ais_flow_ess", "ais_ess", "buffer_ess", "anneal_ess"], True),
+    ("HMC acceptance per AIS distribution", "mean acceptance", ["ais_accept_"], False),
+    ("HMC step size per AIS distribution", "step size (latent units)", ["ais_step_size_"], True),
+    ("latent distance an AIS chain moves", "distance (latent units)", ["ais_distance"], False),
+    ("replay buffer", "entries", ["buffer_size"], False),
+    ("replay weight corrections q_old / q", "correction", ["buffer_w_adjust_mean", "buffer_w_adjust_max"], True),
+    ("replay weight corrections clipped", "fraction of a minibatch", ["buffer_clipped"], False),
+    ("log Z by importance sampling on each AIS batch", "log Z", ["ais_flow_log_z"], False),
+    ("annealing temperature", "T / T_target", ["temperature"], False),
+]
+
+_DIAGNOSTIC_LABELS = {
+    "ais_flow_ess": "flow samples toward p", "ais_ess": "AIS samples toward p²/q", "buffer_ess": "replay buffer",
+    "anneal_ess": "reweighted set (annealing)", "buffer_w_adjust_mean": "mean", "buffer_w_adjust_max": "largest",
+    "ais_flow_log_z": "flow, one AIS batch", "temperature": "temperature", "ais_distance": "mean over chains",
+    "buffer_size": "stored samples", "buffer_clipped": "clipped at max_weight_adjust",
+}
+
+
+def stage_diagnostics(rows: list[dict[str, float]], path: Path, exact_log_z: float | None = None,
+                      target_accept: float | None = None) -> Path | None:
+    """What tuning FAB or annealing needs, against the training step: ESS of the flow, of the AIS
+    samples and of the replay buffer; HMC acceptance and step size of each AIS distribution; the
+    replay buffer's weight corrections; log Z of each AIS batch (against ``exact_log_z`` when known);
+    the annealing temperature. ``rows`` are the Trainer's diagnostics rows. ``None`` when empty."""
+    if not rows:
+        return None
+    keys = sorted({key for row in rows for key in row} - {"step", "stage"})
+    panels = []
+    for title, ylabel, wanted, log in _DIAGNOSTIC_PANELS:
+        chosen = [k for k in keys if any(k == w or (w.endswith("_") and k.startswith(w)) for w in wanted)]
+        if chosen:
+            panels.append((title, ylabel, chosen, log))
+    ncols = min(len(panels), 4)
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.6 * nrows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, ylabel, chosen, log) in zip(axes.ravel(), panels):
+        for key in chosen:
+            points = [(r["step"], r[key]) for r in rows if key in r and np.isfinite(r[key]) and (not log or r[key] > 0)]
+            if points:
+                steps, values = zip(*points)
+                ax.plot(steps, values, lw=1, label=_DIAGNOSTIC_LABELS.get(key, key.replace("ais_", "").replace("_", " ")))
+        if chosen[0] == "ais_flow_log_z" and exact_log_z is not None:
+            ax.axhline(exact_log_z, color="k", ls="--", lw=1, label="exact")
+        if chosen[0].startswith("ais_accept_") and target_accept is not None:
+            ax.axhline(target_accept, color="k", ls=":", lw=1, label="target")
+        if log:
+            ax.set_yscale("log")
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
     return _save(fig, path)

@@ -60,8 +60,8 @@ def _to_numpy(a: ArrayLike) -> np.ndarray:
 
 def _reject(expression: str, node: ast.AST, what: str) -> ValueError:
     return ValueError(
-        f"state expression {expression!r}: {what} is not allowed "
-        f"(offending part: {ast.unparse(node)!r})"
+        f"state expression {_quoted(expression)}: {what} is not allowed "
+        f"(offending part: {_quoted(ast.unparse(node))})"
     )
 
 
@@ -119,20 +119,29 @@ def _check(expression: str, node: ast.AST, names: set[str]) -> str:
     raise _reject(expression, node, f"the syntax {type(node).__name__}")
 
 
+def _quoted(expression: str, limit: int = 80) -> str:
+    """``repr(expression)``, cut to ``limit`` characters for one-line messages."""
+    text = repr(expression)
+    return text if len(text) <= limit else text[: limit - 4] + "...'"
+
+
 def _parse(expression: str) -> tuple[ast.expr, frozenset[str]]:
     if not isinstance(expression, str) or not expression.strip():
         raise ValueError(f"state expression must be a non-empty string, got {expression!r}")
     try:
         tree = ast.parse(expression.strip(), mode="eval")
+        names: set[str] = set()
+        kind = _check(expression, tree.body, names)
     except SyntaxError as err:
-        raise ValueError(f"state expression {expression!r} is not valid syntax: {err.msg}") from None
-    names: set[str] = set()
-    if _check(expression, tree.body, names) != _BOOL:
+        raise ValueError(f"state expression {_quoted(expression)} is not valid syntax: {err.msg}") from None
+    except (RecursionError, MemoryError):
+        raise ValueError(f"state expression {_quoted(expression)} is nested too deeply; simplify it") from None
+    if kind != _BOOL:
         raise ValueError(
-            f"state expression {expression!r} is a number, not a condition (add a comparison)"
+            f"state expression {_quoted(expression)} is a number, not a condition (add a comparison)"
         )
     if not names:
-        raise ValueError(f"state expression {expression!r} uses no CV")
+        raise ValueError(f"state expression {_quoted(expression)} uses no CV")
     return tree.body, frozenset(names)
 
 
@@ -166,7 +175,7 @@ def _evaluate(node: ast.expr, cvs: Mapping[str, np.ndarray]) -> Any:
     if isinstance(node, ast.Name):
         return CONSTANTS[node.id] if node.id in CONSTANTS else cvs[node.id]
     if isinstance(node, ast.Constant):
-        return float(node.value)
+        return np.float64(node.value)  # numpy semantics: 1 / 0 is inf, not ZeroDivisionError
     raise AssertionError(f"unchecked node {ast.dump(node)}")  # _check admits nothing else
 
 
@@ -200,12 +209,12 @@ class StateDefinition:
         missing = sorted(self._names - set(cvs))
         if missing:
             raise ValueError(
-                f"state {self.expression!r} needs CVs {missing}; available: {sorted(cvs)}"
+                f"state {_quoted(self.expression)} needs CVs {missing}; available: {sorted(cvs)}"
             )
         arrays = {name: _to_numpy(cvs[name]) for name in self._names}
         shapes = {a.shape for a in arrays.values()}
         if len(shapes) != 1:
-            raise ValueError(f"state {self.expression!r}: CV arrays have different shapes {shapes}")
+            raise ValueError(f"state {_quoted(self.expression)}: CV arrays have different shapes {shapes}")
         return np.broadcast_to(np.asarray(_evaluate(self._tree, arrays), dtype=bool),
                                shapes.pop()).copy()
 
@@ -328,3 +337,11 @@ def dihedral_cvs(positions_nm: ArrayLike, torsions: Mapping[str, Sequence[int]])
         if f"{kind}0" in cvs:
             cvs[kind] = cvs[f"{kind}0"]
     return cvs
+
+
+def check_state_cvs(states: Mapping[str, StateDefinition], cv_names: Sequence[str]) -> None:
+    """A ``ValueError`` naming the first state that reads a CV the system does not have."""
+    for label, state in states.items():
+        unknown = sorted(state.names_used() - set(cv_names))
+        if unknown:
+            raise ValueError(f"{label}: unknown CV {', '.join(unknown)}; this system's CVs are {', '.join(cv_names)}")

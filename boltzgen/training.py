@@ -7,6 +7,9 @@ What each reported loss means (they are not distances and can be negative):
 * ``reverse_kl`` = E_q[u(x) + log q(x)] = KL(q || p) - log Z. It is bounded below by -log Z, which is
   negative whenever Z > 1, so a negative value is normal.
 * ``loss`` = forward_weight * forward_nll + reverse_weight * reverse_kl for the stage's weights.
+  A ``fab`` stage's loss is -sum_i w̄_i log q(x_i) over AIS (or replayed) samples, an ``annealing``
+  stage's the reverse KL at its hot temperature, then the NLL of reweighted flow samples; both run
+  in :mod:`boltzgen.stages`, need no data, and checkpoint their state (buffer, step sizes) too.
 """
 
 from __future__ import annotations
@@ -14,9 +17,13 @@ from __future__ import annotations
 import csv
 import math
 import os
+import signal
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +32,13 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from boltzgen.config import TrainingStage
+from boltzgen.errors import RunError
 from boltzgen.estimators.weights import kish_ess
 from boltzgen.generator import BoltzmannGenerator, log_weights
 from boltzgen.files import atomic_torch_save
+from boltzgen.flows.capabilities import Capabilities
+from boltzgen.flows.transforms import Compose
+from boltzgen.stages import DATA_FREE_LOSSES, StageRunner, make_runner
 
 METRIC_FIELDS = ["step", "stage", "loss", "forward_nll", "reverse_kl", "ess", "lr", "grad_norm", "n_nonfinite", "energy_evaluations", "wall_seconds"]
 
@@ -40,11 +51,14 @@ def lin_log_cut(u: Tensor, u_max: float) -> Tensor:
 
 @dataclass(frozen=True)
 class StepResult:
+    """One step's loss and what is logged of it; ``diagnostics`` come from data-free stages (FAB, annealing)."""
+
     loss: Tensor
     forward_nll: float
     reverse_kl: float
     ess: float
     n_nonfinite: int
+    diagnostics: dict[str, float] = field(default_factory=dict)
 
 
 def forward_kl_loss(generator: BoltzmannGenerator, x_data: Tensor) -> Tensor:
@@ -71,13 +85,44 @@ def reverse_kl_loss(
     return loss, log_weights(u.detach(), log_q.detach()), n_nonfinite
 
 
+#: The states whose density each loss needs, other than samples from the same pass of the flow.
+DENSITY_NEEDED_OF = {"forward_kl": "the training data", "mixed": "the training data", "fab": "its AIS samples",
+                     "annealing": "the flow samples it stores and refits"}
+
+
+def needs_data_density(stage: TrainingStage) -> bool:
+    """Whether a stage evaluates log q at states the flow did not draw in the same pass."""
+    if stage.loss == "mixed":
+        return stage.forward_weight > 0
+    return stage.loss in DENSITY_NEEDED_OF
+
+
+def check_recipe(stages: list[TrainingStage], capabilities: Capabilities, flow_name: str) -> None:
+    """A one-line ``ValueError`` naming the first stage that needs the density of external states
+    when the flow (``flow_name``, e.g. ``"flow.type planar"``) cannot evaluate it."""
+    if capabilities.data_density:
+        return
+    for i, stage in enumerate(stages):
+        if needs_data_density(stage):
+            raise ValueError(f"training[{i}]: loss {stage.loss} needs log q of {DENSITY_NEEDED_OF[stage.loss]}, "
+                             f"but {flow_name} cannot evaluate the density of external data (it has no inverse); "
+                             "train it with loss reverse_kl")
+
+
+#: What every checkpoint of :meth:`Trainer.save_checkpoint` holds.
+CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "optimizer_stage", "torch_rng", "energy_evaluations",
+                             "wall_seconds", "n_nonfinite"})
+
+
 class Trainer:
     """Runs training stages in order, logging a CSV row per logged step and checkpointing.
 
     ``checkpoint_path`` and ``metrics_path`` are the checkpoint (torch) and the metrics CSV.
     ``data`` ([n, dim], the flow's dtype and device) is required by forward-KL and mixed stages.
     Resuming restores parameters, optimizer, step, RNG states and counters, and truncates the
-    metrics to the checkpoint's step so no row is duplicated or lost.
+    metrics to the checkpoint's step so no row is duplicated or lost. ``fab`` and ``annealing``
+    stages run in :mod:`boltzgen.stages`; their state (replay buffer, HMC step sizes, reweighted
+    samples) and their :attr:`diagnostics` rows are checkpointed too.
     """
 
     def __init__(
@@ -103,11 +148,18 @@ class Trainer:
         self.wall_seconds = 0.0
         self.n_nonfinite = 0
         self.stage_ends = np.cumsum([s.steps for s in stages]).tolist()
+        check_recipe(stages, generator.flow.capabilities, "this flow")
         for stage in stages:
-            if stage.loss != "reverse_kl" and data is None:
+            if stage.loss in ("forward_kl", "mixed") and data is None:
                 raise ValueError(f"a {stage.loss} stage needs training data, and none was given")
+        #: The state of each data-free stage (FAB, annealing) that has run, by stage index; checkpointed.
+        self._runners: dict[int, StageRunner] = {}
+        #: One row per logged step of a data-free stage: step, stage and its diagnostics; checkpointed.
+        self.diagnostics: list[dict[str, float]] = []
         self._optimizer_stage = -1
         self.optimizer: torch.optim.Optimizer | None = None
+        #: training wall time of earlier sessions, when resumed (s)
+        self.resumed_wall_seconds = 0.0
 
     @property
     def total_steps(self) -> int:
@@ -141,9 +193,25 @@ class Trainer:
         """Data-dependent initialization (ActNorm) runs on the first inverse pass, with real data."""
         if self.data is not None:
             with torch.no_grad():
-                self.generator.log_prob(self.data[: min(len(self.data), 4096)])
+                x = self.data[: min(len(self.data), 4096)]
+                flow = self.generator.flow
+                # A flow without an inverse initializes the layers after its last one that has none.
+                if isinstance(flow, Compose):
+                    flow.initialize_from_data(x)
+                else:
+                    self.generator.log_prob(x)
 
-    def train_step(self, stage: TrainingStage) -> StepResult:
+    def _runner(self, stage_idx: int) -> StageRunner:
+        for finished in [i for i in self._runners if i < stage_idx]:
+            del self._runners[finished]  # its buffer need not ride along in later checkpoints
+        if stage_idx not in self._runners:
+            self._runners[stage_idx] = make_runner(self.generator, self.stages[stage_idx], reverse_kl_loss)
+        return self._runners[stage_idx]
+
+    def train_step(self, stage: TrainingStage, stage_idx: int | None = None) -> StepResult:
+        if stage.loss in DATA_FREE_LOSSES:
+            done = self._runner(self.stages.index(stage) if stage_idx is None else stage_idx).step()
+            return StepResult(done.loss, math.nan, done.reverse_kl, done.ess, done.n_nonfinite, done.diagnostics)
         forward_weight = {"forward_kl": 1.0, "reverse_kl": 0.0, "mixed": stage.forward_weight}[stage.loss]
         reverse_weight = {"forward_kl": 0.0, "reverse_kl": 1.0, "mixed": stage.reverse_weight}[stage.loss]
         forward_nll = reverse_kl = ess = float("nan")
@@ -176,12 +244,17 @@ class Trainer:
             "energy_evaluations": self.generator.energy.evaluations,
             "wall_seconds": self.wall_seconds,
             "n_nonfinite": self.n_nonfinite,
+            "stage_runners": {i: runner.state_dict() for i, runner in self._runners.items()},
+            "diagnostics": list(self.diagnostics),
         }
         atomic_torch_save(state, self.checkpoint_path)
 
     def load_checkpoint(self) -> None:
-        state = torch.load(self.checkpoint_path, map_location="cpu", weights_only=False)
-        self.generator.load_state_dict(state["model"])
+        state = read_checkpoint(self.checkpoint_path)
+        load_model_state(self.generator, state["model"], self.checkpoint_path)
+        if not 0 <= state["step"] <= self.total_steps:
+            raise RunError(f"{self.checkpoint_path}: the checkpoint is at step {state['step']}, beyond the "
+                           f"{self.total_steps} steps the config's stages add up to; raise training[-1].steps")
         self.step = state["step"]
         if state["optimizer"] is not None:
             self._ensure_optimizer(state["optimizer_stage"]).load_state_dict(state["optimizer"])
@@ -190,14 +263,25 @@ class Trainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         self.generator.energy.evaluations = state["energy_evaluations"]
         self.wall_seconds = state["wall_seconds"]
+        self.resumed_wall_seconds = self.wall_seconds
         self.n_nonfinite = state["n_nonfinite"]
+        self._runners = {}
+        for i, runner_state in state.get("stage_runners", {}).items():
+            self._runner(i).load_state_dict(runner_state)
+        self.diagnostics = list(state.get("diagnostics", []))
         self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         if not self.metrics_path.exists():
             return
-        with open(self.metrics_path, newline="") as f:
-            rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+        try:
+            with open(self.metrics_path, newline="") as f:
+                rows = [row for row in csv.DictReader(f) if int(row["step"]) <= step]
+            if rows and set(rows[0]) != set(METRIC_FIELDS):
+                raise ValueError("other columns")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError, csv.Error):
+            raise RunError(f"{self.metrics_path}: not a boltzgen metrics table; restore it, or start over with "
+                           "--force") from None
         self._write_metrics(rows, mode="w")
 
     def _write_metrics(self, rows: list[dict], mode: str) -> None:
@@ -216,8 +300,17 @@ class Trainer:
                     writer.writeheader()
                 writer.writerows(rows)
 
-    def run(self, resume: bool = False, stop_after: int | None = None, on_log: Callable[[dict], None] | None = None) -> None:
-        """Train to the end of the last stage (or ``stop_after`` steps in total, to emulate a crash)."""
+    def run(self, resume: bool = False, stop_after: int | None = None, on_log: Callable[[dict], None] | None = None,
+            on_start: Callable[[], None] | None = None) -> None:
+        """Train to the end of the last stage (or ``stop_after`` steps in total, to emulate a crash).
+
+        ``on_start`` runs once the checkpoint is restored (or training is initialized), before the
+        first step: the place to commit to a resume, since a checkpoint that fails to load raises first.
+
+        SIGINT (Ctrl-C) and SIGTERM stop training at the next step boundary and checkpoint there, so
+        ``resume`` continues bit for bit; a second Ctrl-C stops at once (the last periodic checkpoint
+        stays valid). Either way the run ends with KeyboardInterrupt.
+        """
         self.checkpoint_path.parent.mkdir(parents=True, exist_ok=True)
         self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
         if resume and self.checkpoint_path.exists():
@@ -225,49 +318,105 @@ class Trainer:
         else:
             self._write_metrics([], mode="w")
             self._initialize_from_data()
+        if on_start is not None:
+            on_start()
         self.generator.train()
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
         started = time.perf_counter() - self.wall_seconds
         try:
-            while self.step < end:
-                stage_idx = self.stage_index(self.step)
-                stage = self.stages[stage_idx]
-                optimizer = self._ensure_optimizer(stage_idx)
-                lr = self._lr(stage_idx, self.step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                optimizer.zero_grad(set_to_none=True)
-                result = self.train_step(stage)
-                if not torch.isfinite(result.loss):
-                    raise FloatingPointError(
-                        f"training loss became {float(result.loss)} at step {self.step}; lower the lr or u_max"
-                    )
-                result.loss.backward()
-                grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), stage.grad_clip)
-                if torch.isfinite(grad_norm):
-                    optimizer.step()
-                self.n_nonfinite += result.n_nonfinite
-                self.step += 1
-                self.wall_seconds = time.perf_counter() - started
-                if self.step % self.log_every == 0 or self.step == self.total_steps:
-                    ess = result.ess if not math.isnan(result.ess) else self._eval_ess(min(stage.batch, 1024))
-                    row = {
-                        "step": self.step, "stage": stage_idx, "loss": float(result.loss.detach()),
-                        "forward_nll": result.forward_nll, "reverse_kl": result.reverse_kl, "ess": ess, "lr": lr,
-                        "grad_norm": float(grad_norm), "n_nonfinite": self.n_nonfinite,
-                        "energy_evaluations": self.generator.energy.evaluations, "wall_seconds": self.wall_seconds,
-                    }
-                    self._write_metrics([row], mode="a")
-                    bar.set_postfix(loss=f"{row['loss']:.3f}", ess=f"{ess:.3f}")
-                    if on_log is not None:
-                        on_log(row)
-                if self.step % self.checkpoint_every == 0 or self.step == end:
-                    self.save_checkpoint()
-                bar.update(1)
-        except KeyboardInterrupt:
-            self.save_checkpoint()
-            raise
+            with _stop_at_step_boundary() as stop_requested:
+                while self.step < end:
+                    row = self._step(started)
+                    if row is not None:
+                        self._write_metrics([row], mode="a")
+                        bar.set_postfix(loss=f"{row['loss']:.3f}", ess=f"{row['ess']:.3f}")
+                        if on_log is not None:
+                            on_log(row)
+                    if self.step % self.checkpoint_every == 0 or self.step == end or stop_requested():
+                        self.save_checkpoint()
+                    bar.update(1)
+                    if stop_requested():
+                        raise KeyboardInterrupt
         finally:
             bar.close()
             self.generator.eval()
+
+    def _step(self, started: float) -> dict | None:
+        """One optimization step; returns the metrics row when this step is logged."""
+        stage_idx = self.stage_index(self.step)
+        stage = self.stages[stage_idx]
+        optimizer = self._ensure_optimizer(stage_idx)
+        lr = self._lr(stage_idx, self.step)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        optimizer.zero_grad(set_to_none=True)
+        result = self.train_step(stage, stage_idx)
+        if not torch.isfinite(result.loss):
+            raise RunError(f"training[{stage_idx}]: the loss became {float(result.loss)} at step {self.step}; "
+                           "lower this stage's lr or u_max")
+        result.loss.backward()
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), stage.grad_clip)
+        if torch.isfinite(grad_norm):
+            optimizer.step()
+        self.n_nonfinite += result.n_nonfinite
+        self.step += 1
+        self.wall_seconds = time.perf_counter() - started
+        if not (self.step % self.log_every == 0 or self.step == self.total_steps):
+            return None
+        ess = result.ess if not math.isnan(result.ess) else self._eval_ess(min(stage.batch, 1024))
+        if result.diagnostics:
+            self.diagnostics.append({"step": self.step, "stage": stage_idx, **result.diagnostics})
+        return {
+            "step": self.step, "stage": stage_idx, "loss": float(result.loss.detach()),
+            "forward_nll": result.forward_nll, "reverse_kl": result.reverse_kl, "ess": ess, "lr": lr,
+            "grad_norm": float(grad_norm), "n_nonfinite": self.n_nonfinite,
+            "energy_evaluations": self.generator.energy.evaluations, "wall_seconds": self.wall_seconds,
+        }
+
+
+@contextmanager
+def _stop_at_step_boundary() -> Iterator[Callable[[], bool]]:
+    """Defer SIGINT and SIGTERM to the caller's next check (main thread only; elsewhere nothing changes)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield lambda: False
+        return
+    requested: list[int] = []
+
+    def handler(signum: int, frame: object) -> None:
+        if requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C: stop now
+        requested.append(signum)
+
+    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield lambda: bool(requested)
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+def read_checkpoint(path: Path) -> dict:
+    """A training checkpoint as saved by :meth:`Trainer.save_checkpoint`; a RunError when it is not one."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # truncated, random or foreign bytes: torch raises many kinds
+        raise RunError(f"{path}: cannot be loaded ({type(exc).__name__}): truncated or not a boltzgen checkpoint; "
+                       "start over with --force") from None
+    if not isinstance(state, dict) or not CHECKPOINT_KEYS <= set(state):
+        raise RunError(f"{path}: not a boltzgen training checkpoint; start over with --force")
+    return state
+
+
+def load_model_state(generator: torch.nn.Module, model_state: dict, path: Path) -> None:
+    """Load a checkpoint's model state; a RunError naming the first difference when the flows differ."""
+    expected = {name: tuple(t.shape) for name, t in generator.state_dict().items()}
+    saved = {name: tuple(getattr(t, "shape", ())) for name, t in model_state.items()}
+    differences = sorted(set(expected) ^ set(saved)) + sorted(n for n in expected.keys() & saved.keys()
+                                                              if expected[n] != saved[n])
+    if differences:
+        name = differences[0]
+        raise RunError(f"{path}: the checkpoint's flow does not match the config ({len(differences)} tensors differ, "
+                       f"first {name}: {saved.get(name, 'absent')} saved, {expected.get(name, 'absent')} now); "
+                       "resume with the config it was trained with, or train into a new --out")
+    generator.load_state_dict(model_state)

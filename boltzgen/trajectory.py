@@ -24,7 +24,7 @@ import torch
 from mdtraj.formats.hdf5 import HDF5TrajectoryFile
 
 from boltzgen.errors import DataFileError
-from boltzgen.files import atomic_path
+from boltzgen.files import atomic_path, ensure_free_space
 
 
 def topology_json(topology: Any) -> str:
@@ -114,6 +114,8 @@ class SampleWriter:
         batch = x.shape[0]
         if set(extras) != set(self._extras):
             raise ValueError(f"expected extras {sorted(self._extras)}, got {sorted(extras)}")
+        chunks = sum(d.chunks[0] * d.dtype.itemsize * int(np.prod(d.shape[1:])) for d in self._datasets())
+        ensure_free_space(self.path, 2 * (x.nbytes + sum(_numpy(v).nbytes for v in extras.values())) + chunks)
         self._positions.resize(self.n + batch, axis=0)
         self._positions[self.n:] = x.reshape((batch,) + self._positions.shape[1:])
         for name, values in extras.items():
@@ -124,7 +126,12 @@ class SampleWriter:
 
     def add_dataset(self, name: str, data: np.ndarray) -> None:
         """Store ``data`` (any shape and dtype, not per-frame; e.g. final positions) whole as dataset ``name``."""
-        self._file.create_dataset(name, data=np.asarray(data))
+        data = np.asarray(data)
+        ensure_free_space(self.path, 2 * data.nbytes)
+        self._file.create_dataset(name, data=data)
+
+    def _datasets(self) -> list[h5py.Dataset]:
+        return [self._positions, *self._extras.values()]
 
     def close(self) -> None:
         self._file.close()

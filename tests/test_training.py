@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import math
+import os
 import shutil
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -289,23 +291,45 @@ def test_resume_after_stop_equals_uninterrupted_run(tmp_path, uninterrupted, sto
             assert row[key] == ref[key], (row["step"], key)
 
 
-def test_resume_after_keyboard_interrupt_in_callback(tmp_path, uninterrupted):
+def test_ctrl_c_checkpoints_at_the_step_boundary_and_resumes_bit_for_bit(tmp_path, uninterrupted):
+    """Ctrl-C (a real SIGINT) in the middle of step 36 lets that step finish, checkpoints there and stops."""
     reference, _ = uninterrupted
+    trainer = _trainer(tmp_path)
+    original = trainer.train_step
 
-    def interrupt(row):
-        if row["step"] == 35:
-            raise KeyboardInterrupt
+    def interrupted_step(*args):
+        result = original(*args)
+        if trainer.step == 35:  # inside step 36, after its loss: the worst moment
+            os.kill(os.getpid(), signal.SIGINT)
+        return result
 
-    torch.manual_seed(123)
+    trainer.train_step = interrupted_step
     with pytest.raises(KeyboardInterrupt):
-        _trainer(tmp_path).run(on_log=interrupt)
+        trainer.run()
     state = torch.load(tmp_path / "checkpoint.pt", weights_only=False)
-    assert state["step"] == 35  # saved on the interrupt, although 35 is not a checkpoint step
+    assert state["step"] == 36  # the interrupted step completed; 36 is not a periodic checkpoint step
     second = _trainer(tmp_path, init_seed=999)
     second.run(resume=True)
     assert second.step == 60
     _assert_same_state(second.generator.state_dict(), reference.generator.state_dict())
     _assert_metric_rows(tmp_path / "metrics.csv", 60, 5)
+
+
+def test_a_second_ctrl_c_stops_at_once_and_keeps_the_last_checkpoint(tmp_path):
+    trainer = _trainer(tmp_path)
+    original = trainer.train_step
+
+    def interrupted_twice(*args):
+        if trainer.step == 23:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args)
+
+    trainer.train_step = interrupted_twice
+    with pytest.raises(KeyboardInterrupt):
+        trainer.run()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=False)["step"] == 20  # the periodic one
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers restored
 
 
 def test_resume_after_hard_crash_truncates_metrics(tmp_path, uninterrupted):

@@ -110,10 +110,17 @@ def build_system(pdb: Path | str, forcefield: Sequence[str] | str, temperature_K
     if not pdb.is_file():
         raise SystemBuildError(f"PDB file not found: {pdb}")
 
+    text = Path(pdb).read_bytes()
+    if not text.strip():
+        raise SystemBuildError(f"system.pdb: {pdb} is empty; give a PDB file with the molecule's atoms")
+    try:
+        text.decode("ascii")
+    except UnicodeDecodeError as exc:
+        raise SystemBuildError(f"system.pdb: {pdb} is not a text PDB file (binary byte at {exc.start})") from None
     try:
         pdb_file = app.PDBFile(str(pdb))
     except Exception as exc:  # OpenMM's parser raises assorted types for malformed files
-        raise SystemBuildError(f"cannot read PDB file {pdb}: {_one_line(exc)}") from exc
+        raise SystemBuildError(f"system.pdb: cannot read {pdb} as a PDB file: {_one_line(exc)}") from exc
     positions = np.asarray(pdb_file.getPositions(asNumpy=True).value_in_unit(unit.nanometer), dtype=np.float64)
     topology = pdb_file.topology
     if positions.shape[0] == 0:

@@ -25,6 +25,8 @@ class FreeEnergySurface:
     of the minimum bin is not added to every bin); ``nan`` for empty bins and where fewer than 2
     replicates populated the bin.
     ``counts``: raw number of samples per bin (unweighted), integer.
+    ``n_eff``: Kish effective number of samples per bin, ``(sum w)^2 / sum w^2`` over the bin's
+    samples (``counts`` when unweighted); a bin whose F rests on one heavy weight has ``n_eff`` ~ 1.
     ``n_nonfinite``: samples with a non-finite log-weight. ``n_outside``: samples outside the
     range or with a non-finite CV; they are not binned but still count in the normalisation.
     """
@@ -33,6 +35,7 @@ class FreeEnergySurface:
     f_kT: np.ndarray
     stderr_kT: np.ndarray
     counts: np.ndarray
+    n_eff: np.ndarray
     n_nonfinite: int = 0
     n_outside: int = 0
 
@@ -129,11 +132,15 @@ def free_energy_surface(
         var = np.where(ok, (reps - mean) ** 2, 0.0).sum(axis=0) / np.maximum(n_ok - 1, 1)
         stderr = np.where((n_ok >= 2) & np.isfinite(f), np.sqrt(var), math.nan)
     counts = np.bincount(fi, minlength=n_bins)
+    sum_w, sum_w2 = np.bincount(fi, weights=wi, minlength=n_bins), np.bincount(fi, weights=wi * wi, minlength=n_bins)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        n_eff = np.where(sum_w2 > 0, sum_w**2 / sum_w2, 0.0)
     return FreeEnergySurface(
         edges=edges,
         f_kT=f_shifted.reshape(shape),
         stderr_kT=stderr.reshape(shape),
         counts=counts.reshape(shape),
+        n_eff=n_eff.reshape(shape),
         n_nonfinite=n_bad,
         n_outside=int(n - inside.sum()),
     )

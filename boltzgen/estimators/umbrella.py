@@ -162,7 +162,8 @@ def _mbar_profile(mbar: Any, phi: np.ndarray, edges: np.ndarray) -> FreeEnergySu
     se_bins = np.full(n_bins, np.nan)
     f_bins[occupied] = f_occ - f_occ[ref]
     se_bins[occupied] = np.sqrt(np.clip(var, 0.0, None))
-    return FreeEnergySurface(edges=(edges,), f_kT=f_bins, stderr_kT=se_bins, counts=counts)
+    # n_eff: the bin's frames, already subsampled to be roughly uncorrelated.
+    return FreeEnergySurface(edges=(edges,), f_kT=f_bins, stderr_kT=se_bins, counts=counts, n_eff=counts.astype(float))
 
 
 def _mbar_estimate(

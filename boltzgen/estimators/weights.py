@@ -1,4 +1,4 @@
-"""Importance weights: normalization, Kish and per-observable ESS, Pareto k̂, PSIS and truncation.
+"""Importance weights: normalization, Kish and per-observable ESS, Pareto k̂, PSIS, truncation and log Z.
 
 Everything works in numpy float64; inputs may be numpy arrays or torch tensors. A non-finite
 log-weight means weight 0 (see :mod:`boltzgen.estimators.arrays`).
@@ -7,6 +7,7 @@ log-weight means weight 0 (see :mod:`boltzgen.estimators.arrays`).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.special import logsumexp
@@ -199,3 +200,36 @@ def truncated_log_weights(log_w: ArrayLike) -> np.ndarray:
     cap = log_sum(lw) - 0.5 * math.log(lw.size)
     return np.minimum(lw, cap)
 
+
+
+@dataclass(frozen=True)
+class LogZEstimate:
+    """An importance-sampling estimate of log Z = log ∫ exp(-u) dx, dimensionless, float64.
+
+    ``value`` = logsumexp(log w) - log N; ``stderr`` its delta-method standard error
+    ``sqrt(1 / n_eff - 1 / N)`` (n_eff the Kish count), NaN when every weight is 0; ``n_samples`` = N
+    (weight-0 samples included, as they are draws from q); ``n_nonfinite`` of them had weight 0.
+    """
+
+    value: float
+    stderr: float
+    n_samples: int
+    n_nonfinite: int
+
+
+def log_z_importance_sampling(log_w: ArrayLike) -> LogZEstimate:
+    """log Z from unnormalized log-weights ``log w = -u - log q`` of N samples from q, ``[N]``.
+
+    Ẑ = mean(w) is unbiased for Z; its log has the delta-method variance Var(w) / (N mean(w)^2) =
+    1 / n_eff - 1 / N with the plug-in variance. A sample of non-finite log-weight is weight 0 and
+    still counts in N (q drew it). Every weight 0 gives value -inf and stderr NaN.
+    """
+    lw, n_nonfinite = clean_log_w(log_w)
+    if lw.size == 0:
+        raise ValueError("log_w is empty")
+    total = log_sum(lw)
+    if total == -math.inf:
+        return LogZEstimate(-math.inf, math.nan, int(lw.size), n_nonfinite)
+    value = float(total - math.log(lw.size))
+    stderr = math.sqrt(max(1.0 / kish_count(lw) - 1.0 / lw.size, 0.0))
+    return LogZEstimate(value, stderr, int(lw.size), n_nonfinite)

@@ -58,3 +58,62 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.in_dim = in_dim
         self.out_dim = out_dim
+
+
+class MaskedLinear(nn.Linear):
+    """A linear layer whose weight is multiplied by a fixed 0/1 ``mask`` ``[out, in]`` (a buffer)."""
+
+    def __init__(self, mask: Tensor, zero: bool = False) -> None:
+        super().__init__(mask.shape[1], mask.shape[0])
+        self.register_buffer("mask", mask.to(self.weight.dtype))
+        if zero:
+            nn.init.zeros_(self.weight)
+            nn.init.zeros_(self.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return nn.functional.linear(x, self.weight * self.mask, self.bias)
+
+
+class MADE(nn.Module):
+    """Masked autoencoder for distribution estimation (Germain et al. 2015): the conditioner of
+    autoregressive flows.
+
+    Maps a state ``[batch, dim]`` to ``[batch, n_out]`` outputs; output ``j`` belongs to dim
+    ``out_dims[j]`` and depends only on the dims that come before it in ``order``. ``order``
+    (``[dim]``, a permutation of ``0..dim-1``) gives each dim's rank: rank 0 is first, and its outputs
+    are constants (biases). Circular dims (``circular``, bool ``[dim]``) enter as ``(cos, sin)``, as in
+    :func:`circular_embedding`, with their dim's rank. Hidden units cycle through degrees
+    ``1..dim-1``, so every dependency is possible when each hidden width is at least ``dim - 1``.
+    With ``zero_last`` the outputs start at exactly zero.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        out_dims: Tensor,
+        hidden: Sequence[int],
+        order: Tensor | None = None,
+        circular: Tensor | None = None,
+        zero_last: bool = False,
+    ) -> None:
+        super().__init__()
+        order = torch.arange(dim) if order is None else torch.as_tensor(order, dtype=torch.long)
+        if sorted(order.tolist()) != list(range(dim)):
+            raise ValueError(f"order must be a permutation of 0..{dim - 1}")
+        circ = torch.zeros(dim, dtype=torch.bool) if circular is None else circular.to(torch.bool).clone()
+        degree = order + 1  # the degree of each dim's inputs: 1..dim
+        in_degrees = torch.cat([degree[~circ], degree[circ], degree[circ]])
+        out_degrees = degree[torch.as_tensor(out_dims, dtype=torch.long)]
+        layers: list[nn.Module] = []
+        previous = in_degrees
+        for k, width in enumerate(hidden):
+            units = torch.arange(width)
+            degrees = units % (dim - 1) + 1 if dim > 1 else torch.zeros(width, dtype=torch.long)
+            layers += [MaskedLinear((degrees[:, None] >= previous[None, :]).to(torch.float32)), nn.SiLU()]
+            previous = degrees
+        layers.append(MaskedLinear((out_degrees[:, None] > previous[None, :]).to(torch.float32), zero=zero_last))
+        self.net = nn.Sequential(*layers)
+        self.register_buffer("circular", circ)
+
+    def forward(self, v: Tensor) -> Tensor:
+        return self.net(circular_embedding(v, self.circular))

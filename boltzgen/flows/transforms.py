@@ -11,15 +11,24 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from boltzgen.flows.capabilities import EXACT, Capabilities
 from boltzgen.flows.nn import MLP, circular_embedding, embedding_dim
 
 
 class Bijection(nn.Module, ABC):
-    """An invertible map between ``[batch, dim_in]`` latents and ``[batch, dim_out]`` states."""
+    """An invertible map between ``[batch, dim_in]`` latents and ``[batch, dim_out]`` states.
+
+    ``capabilities`` (:class:`~boltzgen.flows.capabilities.Capabilities`) says how each direction is
+    computed and whether the log-det is exact; a layer that deviates from the default (both
+    directions in one pass, exact log-det) overrides it.
+    """
+
+    capabilities: Capabilities = EXACT
 
     @abstractmethod
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
@@ -36,6 +45,19 @@ class Compose(Bijection):
     def __init__(self, layers: Sequence[Bijection]) -> None:
         super().__init__()
         self.layers = nn.ModuleList(layers)
+
+    @property
+    def capabilities(self) -> Capabilities:  # type: ignore[override]
+        return Capabilities.compose(layer.capabilities for layer in self.layers)
+
+    @torch.no_grad()
+    def initialize_from_data(self, x: Tensor) -> None:
+        """Run the density direction on data ``x`` ``[batch, dim]`` from the last layer back, for
+        data-dependent initialization (ActNorm), stopping before the first layer without an inverse."""
+        for layer in reversed(self.layers):
+            if not layer.capabilities.data_density:
+                return
+            x, _ = layer.inverse(x)
 
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
         logdet = z.new_zeros(z.shape[0])
@@ -251,18 +273,84 @@ class AdditiveCoupling(_Coupling):
         return x.index_copy(1, self.trans_idx, z_t), x.new_zeros(x.shape[0])
 
 
+@dataclass(frozen=True)
+class SplineSettings:
+    """The elementwise rational-quadratic spline of neural spline flows, shared by the spline
+    coupling and the autoregressive spline transformers.
+
+    Non-circular dims: a spline on ``[-tail_bound, tail_bound]`` with boundary slopes 1 and the
+    identity outside (linear tails), from ``3 bins - 1`` raw parameters. Circular dims (angles in
+    radians, inputs expected in ``[-pi, pi]``, clamped into it): a spline of ``[-pi, pi]`` onto itself
+    whose slope at -pi equals that at pi, so it is a diffeomorphism of the circle, from ``3 bins``
+    raw parameters. Slopes are ``min_derivative + softplus(raw + c)`` with ``c`` such that
+    ``raw = 0`` gives exactly 1, so all-zero raw parameters give the exact identity.
+    """
+
+    bins: int = 8
+    tail_bound: float = 5.0
+    min_bin_width: float = 1e-3
+    min_bin_height: float = 1e-3
+    min_derivative: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.bins * self.min_bin_width >= 1 or self.bins * self.min_bin_height >= 1:
+            raise ValueError("bins * min_bin_width (and min_bin_height) must be < 1")
+        if not 0 < self.min_derivative < 1:
+            raise ValueError("min_derivative must lie in (0, 1) so that slope 1 is reachable")
+
+    def n_params(self, circular: bool) -> int:
+        """Raw parameters per transformed dim."""
+        return 3 * self.bins if circular else 3 * self.bins - 1
+
+    def _bins(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        k = self.bins
+        widths = self.min_bin_width + (1 - k * self.min_bin_width) * torch.softmax(p[..., :k], dim=-1)
+        heights = self.min_bin_height + (1 - k * self.min_bin_height) * torch.softmax(p[..., k : 2 * k], dim=-1)
+        offset = _softplus_inverse(1.0 - self.min_derivative)
+        derivs = self.min_derivative + nn.functional.softplus(p[..., 2 * k :] + offset)
+        return widths, heights, derivs
+
+    def apply(self, v: Tensor, params: Tensor, lin_idx: Tensor, circ_idx: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
+        """Transform the dims ``lin_idx`` (non-circular) and ``circ_idx`` (circular) of ``v`` ``[batch, dim]``.
+
+        ``params`` ``[batch, n_lin * (3 bins - 1) + n_circ * 3 bins]``: the non-circular dims' raw
+        parameters, dim after dim in ``lin_idx`` order, then the circular dims'. Returns ``v`` with
+        those dims replaced and the log-det ``[batch]`` (of the inverse map with ``inverse``).
+        """
+        k, batch = self.bins, v.shape[0]
+        n_lin, n_circ = lin_idx.numel(), circ_idx.numel()
+        out, logdet = v, v.new_zeros(batch)
+        if n_lin:
+            widths, heights, inner = self._bins(params[:, : n_lin * (3 * k - 1)].reshape(batch, n_lin, 3 * k - 1))
+            ones = torch.ones_like(inner[..., :1])
+            derivs = torch.cat([ones, inner, ones], dim=-1)
+            vals = v[:, lin_idx]
+            b = self.tail_bound
+            inside = (vals >= -b) & (vals <= b)
+            y, ld = rational_quadratic_spline(vals, widths, heights, derivs, inverse, -b, b, -b, b)
+            y = torch.where(inside, y, vals)
+            ld = torch.where(inside, ld, torch.zeros_like(ld))
+            out = out.index_copy(1, lin_idx, y)
+            logdet = logdet + ld.sum(-1)
+        if n_circ:
+            p = params[:, n_lin * (3 * k - 1) :].reshape(batch, n_circ, 3 * k)
+            widths, heights, derivs = self._bins(p)
+            # Periodicity: the slope at pi is the slope at -pi.
+            derivs = torch.cat([derivs, derivs[..., :1]], dim=-1)
+            y, ld = rational_quadratic_spline(
+                v[:, circ_idx], widths, heights, derivs, inverse, -math.pi, math.pi, -math.pi, math.pi
+            )
+            out = out.index_copy(1, circ_idx, y)
+            logdet = logdet + ld.sum(-1)
+        return out, logdet
+
+
 class SplineCoupling(_Coupling):
     """Rational-quadratic spline coupling (neural spline flow) with circular support.
 
-    Non-circular transformed dims: a spline on ``[-tail_bound, tail_bound]`` with boundary slopes 1
-    and the identity outside (linear tails). Circular transformed dims (angles in radians, inputs
-    expected in ``[-pi, pi]``, clamped into it): a spline of ``[-pi, pi]`` onto itself whose slope
-    at -pi equals that at pi, so it is a diffeomorphism of the circle. One layer may mix both kinds.
-
-    Per transformed dim the conditioner emits ``K`` width, ``K`` height and ``K-1`` (non-circular)
-    or ``K`` (circular) slope parameters. Slopes are ``min_derivative + softplus(raw + c)`` with
-    ``c`` such that ``raw = 0`` gives exactly 1, so with ``identity_init`` (zero last layer) the
-    layer starts as the exact identity.
+    The transformed dims go through the spline of :class:`SplineSettings` (linear tails outside
+    ``[-tail_bound, tail_bound]`` for ordinary dims, circular splines for angles); one layer may mix
+    both kinds. With ``identity_init`` (zero last layer) the layer starts as the exact identity.
     """
 
     def __init__(
@@ -280,66 +368,22 @@ class SplineCoupling(_Coupling):
     ) -> None:
         m = _as_mask(mask, dim, "mask")
         circ = _as_mask(circular, dim, "circular")
-        if bins * min_bin_width >= 1 or bins * min_bin_height >= 1:
-            raise ValueError("bins * min_bin_width (and min_bin_height) must be < 1")
-        if not 0 < min_derivative < 1:
-            raise ValueError("min_derivative must lie in (0, 1) so that slope 1 is reachable")
+        spline = SplineSettings(bins, tail_bound, min_bin_width, min_bin_height, min_derivative)
         n_lin = int((m & ~circ).sum())
         n_circ = int((m & circ).sum())
-        super().__init__(dim, m, hidden, n_lin * (3 * bins - 1) + n_circ * 3 * bins, identity_init, circ)
+        super().__init__(dim, m, hidden, n_lin * spline.n_params(False) + n_circ * spline.n_params(True),
+                         identity_init, circ)
+        self.spline = spline
         self.bins = bins
         self.tail_bound = tail_bound
-        self.min_bin_width = min_bin_width
-        self.min_bin_height = min_bin_height
-        self.min_derivative = min_derivative
-        self._deriv_offset = _softplus_inverse(1.0 - min_derivative)
         self.register_buffer("lin_idx", torch.nonzero(m & ~circ).flatten())
         self.register_buffer("circ_idx", torch.nonzero(m & circ).flatten())
 
-    def _bins(self, raw_w: Tensor, raw_h: Tensor, raw_d: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        k = self.bins
-        widths = self.min_bin_width + (1 - k * self.min_bin_width) * torch.softmax(raw_w, dim=-1)
-        heights = self.min_bin_height + (1 - k * self.min_bin_height) * torch.softmax(raw_h, dim=-1)
-        derivs = self.min_derivative + nn.functional.softplus(raw_d + self._deriv_offset)
-        return widths, heights, derivs
-
-    def _transform(self, v: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        params = self._params(v)
-        k, batch = self.bins, v.shape[0]
-        n_lin = self.lin_idx.numel()
-        out, logdet = v, v.new_zeros(batch)
-        if n_lin:
-            p = params[:, : n_lin * (3 * k - 1)].reshape(batch, n_lin, 3 * k - 1)
-            widths, heights, inner = self._bins(p[..., :k], p[..., k : 2 * k], p[..., 2 * k :])
-            ones = torch.ones_like(inner[..., :1])
-            derivs = torch.cat([ones, inner, ones], dim=-1)
-            vals = v[:, self.lin_idx]
-            b = self.tail_bound
-            inside = (vals >= -b) & (vals <= b)
-            y, ld = rational_quadratic_spline(vals, widths, heights, derivs, inverse, -b, b, -b, b)
-            y = torch.where(inside, y, vals)
-            ld = torch.where(inside, ld, torch.zeros_like(ld))
-            out = out.index_copy(1, self.lin_idx, y)
-            logdet = logdet + ld.sum(-1)
-        n_circ = self.circ_idx.numel()
-        if n_circ:
-            p = params[:, n_lin * (3 * k - 1) :].reshape(batch, n_circ, 3 * k)
-            widths, heights, derivs = self._bins(p[..., :k], p[..., k : 2 * k], p[..., 2 * k :])
-            # Periodicity: the slope at pi is the slope at -pi.
-            derivs = torch.cat([derivs, derivs[..., :1]], dim=-1)
-            vals = v[:, self.circ_idx]
-            y, ld = rational_quadratic_spline(
-                vals, widths, heights, derivs, inverse, -math.pi, math.pi, -math.pi, math.pi
-            )
-            out = out.index_copy(1, self.circ_idx, y)
-            logdet = logdet + ld.sum(-1)
-        return out, logdet
-
     def forward(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform(z, inverse=False)
+        return self.spline.apply(z, self._params(z), self.lin_idx, self.circ_idx, inverse=False)
 
     def inverse(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        return self._transform(x, inverse=True)
+        return self.spline.apply(x, self._params(x), self.lin_idx, self.circ_idx, inverse=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import openmm
 import torch
 
 from boltzgen import plots
@@ -109,13 +110,20 @@ def _langevin(config: Config, target: Target, start_nm: np.ndarray, temperature_
     from boltzgen.simulation.langevin import run_langevin
 
     md, molecule = config.md, target.molecule
-    return run_langevin(
-        molecule.system, molecule.topology, start_nm, temperature_K=temperature_K,
-        target_temperature_K=molecule.temperature_K, steps=steps, report_every=md.report_every,
-        seed=md.seed + config.seed + seed_offset, timestep_fs=md.timestep_fs, friction_per_ps=md.friction_per_ps,
-        platform=md.platform, out_h5=out_h5, checkpoint=MDDir.checkpoint(out_h5),
-        checkpoint_every=max(1, steps // md.report_every // 20), resume=True, progress=progress,
-    )
+    try:
+        return run_langevin(
+            molecule.system, molecule.topology, start_nm, temperature_K=temperature_K,
+            target_temperature_K=molecule.temperature_K, steps=steps, report_every=md.report_every,
+            seed=md.seed + config.seed + seed_offset, timestep_fs=md.timestep_fs,
+            friction_per_ps=md.friction_per_ps, platform=md.platform, out_h5=out_h5,
+            checkpoint=MDDir.checkpoint(out_h5), checkpoint_every=max(1, steps // md.report_every // 20),
+            resume=True, progress=progress,
+        )
+    except openmm.OpenMMException as exc:
+        if "nan" not in str(exc).lower():
+            raise
+        raise RunError(f"{out_h5}: the MD at {temperature_K:g} K blew up (NaN coordinates) with md.timestep_fs = "
+                       f"{md.timestep_fs:g}; lower md.timestep_fs (1-2 fs without constraints)") from None
 
 
 def _seeded_state_runs(config: Config, target: Target, plain: Any, folder: MDDir, progress: bool) -> tuple[list, Any]:
@@ -164,6 +172,10 @@ def run_md(config: Config, target: Target, folder: MDDir, progress: bool) -> Tra
             results = [load_md(md.data)]
         except (OSError, ValueError, KeyError) as exc:
             raise RunError(f"md.data: {md.data}: cannot be read as a boltzgen MD file ({exc})") from None
+        atoms = results[0].positions_nm.shape[1]
+        if atoms != target.molecule.n_atoms:
+            raise RunError(f"md.data: {md.data} has {atoms} atoms per frame, the system {target.molecule.n_atoms}; "
+                           "give an MD file of this molecule")
     else:
         folder.path.mkdir(parents=True, exist_ok=True)
         results = [_langevin(config, target, target.molecule.positions_nm, md.temperature_K or spec.temperature_K,

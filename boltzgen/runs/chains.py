@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from contextlib import AbstractContextManager, nullcontext
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,12 @@ from boltzgen.errors import RunError
 from boltzgen.estimators.free_energy import delta_f_blocked
 from boltzgen.estimators.histograms import free_energy_surface
 from boltzgen.estimators.timeseries import batch_means_tau, integrated_autocorrelation_time
+from boltzgen.flows.residual import exact_log_dets
 from boltzgen.generator import BoltzmannGenerator
 from boltzgen.geometry import find_alpha_carbon_chirality, is_l_chirality
 from boltzgen.mcmc import initial_state, run_chains
 from boltzgen.moves import CartesianMALA, Cycle, IndependenceMetropolis, LatentHMC, LatentMALA, Move
+from boltzgen.runs.resources import check_chains
 from boltzgen.runs.rundir import MCMCDir, RunDir
 from boltzgen.runs.sample import FES_BINS_1D, cv_edges, cv_label, cv_names, is_angle
 from boltzgen.runs.summaries import MCMCSummary
@@ -29,6 +32,8 @@ from boltzgen.runs.target import Target, load_run
 from boltzgen.trajectory import SampleWriter
 
 MOVES = ("imh", "latent_hmc", "latent_mala", "imh+mala")
+#: chains of a flow with an estimated log-det use the exact one up to this many latent dimensions
+EXACT_LOG_DET_MAX_DIM = 64
 #: default step size of the local CartesianMALA move of ``imh+mala``, in units of x (nm for molecules)
 LOCAL_STEP_MOLECULE_NM = 0.002
 LOCAL_STEP_ANALYTIC = 0.1
@@ -45,16 +50,44 @@ def build_moves(kind: str, generator: BoltzmannGenerator, target: Target, step_s
     ``imh+mala``: a Cycle of one IMH step and one CartesianMALA step of initial size ``local_step``
     (units of x: nm for molecules, default 0.002 nm; 0.1 for analytic systems).
     """
+    step_size = 0.1 if step_size is None else step_size
+    if local_step is None:
+        local_step = LOCAL_STEP_MOLECULE_NM if target.molecule is not None else LOCAL_STEP_ANALYTIC
+    for option, value in (("--step-size", step_size), ("--local-step", local_step), ("--leapfrog", n_leapfrog)):
+        if not (math.isfinite(value) and value > 0):
+            raise RunError(f"{option}: must be a positive finite number, got {value}")
     if kind == "imh":
         return IndependenceMetropolis(generator)
     if kind == "latent_hmc":
-        return LatentHMC(generator, step_size=step_size or 0.1, n_leapfrog=n_leapfrog)
+        return LatentHMC(generator, step_size=step_size, n_leapfrog=n_leapfrog)
     if kind == "latent_mala":
-        return LatentMALA(generator, step_size=step_size or 0.1)
+        return LatentMALA(generator, step_size=step_size)
     if kind == "imh+mala":
-        default = LOCAL_STEP_MOLECULE_NM if target.molecule is not None else LOCAL_STEP_ANALYTIC
-        return Cycle([IndependenceMetropolis(generator), CartesianMALA(target.energy, step_size=local_step or default)])
+        return Cycle([IndependenceMetropolis(generator), CartesianMALA(target.energy, step_size=local_step)])
     raise RunError(f"--moves: unknown move {kind!r}; choose one of {', '.join(MOVES)}")
+
+
+def exact_flow_density(generator: BoltzmannGenerator, moves: str, flow_type: str) -> AbstractContextManager[Any]:
+    """The flow as the chains need it: Metropolis acceptance needs log q exactly.
+
+    A flow without an inverse cannot give log q at a state that the local MALA step of ``imh+mala``
+    moved, so that move is refused (``imh`` and the latent moves use log q of the flow's own draws
+    only). An estimated log-det would make every acceptance ratio noisy and the chains biased, so
+    it is replaced by the exact one (:func:`~boltzgen.flows.residual.exact_log_dets`) up to
+    :data:`EXACT_LOG_DET_MAX_DIM` latent dimensions, and refused above. Returns the context in which
+    the chains run.
+    """
+    capabilities = generator.flow.capabilities
+    if moves == "imh+mala" and not capabilities.data_density:
+        raise RunError(f"mcmc --moves imh+mala: flow.type {flow_type} cannot evaluate the density of a state moved by "
+                       "the local MALA step (it has no inverse); use --moves imh, latent_hmc or latent_mala")
+    if capabilities.exact_log_det:
+        return nullcontext()
+    if generator.prior.dim > EXACT_LOG_DET_MAX_DIM:
+        raise RunError(f"mcmc: flow.type {flow_type} estimates its log-det ({capabilities.estimator}), which would bias "
+                       f"the acceptance, and its {generator.prior.dim} latent dimensions are too many for the exact "
+                       f"log-det (at most {EXACT_LOG_DET_MAX_DIM}); use `boltzgen sample`, which reports the noise")
+    return exact_log_dets(generator.flow)
 
 
 def tau_series(cvs: dict[str, np.ndarray], names: list[str]) -> dict[str, np.ndarray]:
@@ -170,10 +203,12 @@ def mcmc_job(run: RunDir, chains: int = 256, steps: int = 1000, warmup: int = 20
     energy = generator.energy
     evaluations0 = energy.evaluations
 
+    check_chains(target.shape, chains, n_kept)
     move = build_moves(moves, generator, target, step_size, local_step, n_leapfrog)
     try:
-        result = run_chains(move, initial_state(generator, chains), n_steps=steps, n_warmup=warmup, thin=thin,
-                            progress=progress)
+        with exact_flow_density(generator, moves, config.flow.type):
+            result = run_chains(move, initial_state(generator, chains), n_steps=steps, n_warmup=warmup, thin=thin,
+                                progress=progress)
     except ValueError as exc:
         raise RunError(f"mcmc: {exc}") from None
     evaluations = energy.evaluations - evaluations0

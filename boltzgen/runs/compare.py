@@ -56,6 +56,9 @@ from boltzgen.trajectory import iter_positions, read_attributes, read_datasets, 
 TARGET_STDERR_KT = 0.1
 #: a reference bin is "populated" when it holds at least this fraction of the probability
 POPULATED = 1e-4
+#: a method's bin enters the FES RMSE only with at least this many effective samples: a bin whose
+#: F rests on one or two heavy importance weights is noise, not a measurement
+MIN_BIN_SAMPLES = 10.0
 BINS_2D = 60
 CHUNK_FRAMES = 500_000
 UMBRELLA = "umbrella sampling (flattening bias)"
@@ -87,16 +90,23 @@ class _Grid:
     def set_reference(self, label: str, f1: np.ndarray, p1: np.ndarray, h2: np.ndarray) -> None:
         self.ref_label, self.ref_f1, self.ref_p1, self.ref_h2 = label, f1, p1 / p1.sum(), h2
 
-    def scores(self, f1: np.ndarray, h2: np.ndarray | None) -> dict[str, Any]:
-        """FES RMSE over populated reference bins (after the best constant shift) and JS divergence of the 2-D histograms."""
-        out: dict[str, Any] = {"fes_rmse_kT": None, "fes_bins_compared": 0, "fes_bins_missing": 0, "js_divergence": None}
+    def scores(self, f1: np.ndarray, h2: np.ndarray | None, n_eff: np.ndarray | None = None) -> dict[str, Any]:
+        """FES RMSE over populated reference bins (after the best constant shift) and JS divergence of the 2-D histograms.
+
+        Bins the method left empty are counted as missing; bins it holds with fewer than
+        :data:`MIN_BIN_SAMPLES` effective samples (``n_eff``) are counted as sparse; neither enters the RMSE.
+        """
+        out: dict[str, Any] = {"fes_rmse_kT": None, "fes_bins_compared": 0, "fes_bins_missing": 0,
+                               "fes_bins_sparse": 0, "js_divergence": None}
         if self.ref_f1 is None:
             return out
         populated = (self.ref_p1 >= POPULATED) & np.isfinite(self.ref_f1)
         finite = np.isfinite(f1)
-        mask = populated & finite
+        dense = finite if n_eff is None else finite & (n_eff >= MIN_BIN_SAMPLES)
+        mask = populated & dense
         out["fes_bins_compared"] = int(mask.sum())
         out["fes_bins_missing"] = int((populated & ~finite).sum())
+        out["fes_bins_sparse"] = int((populated & finite & ~dense).sum())
         if mask.any():
             out["fes_rmse_kT"] = fes_rmse(np.where(mask, f1, 0.0), np.where(mask, self.ref_f1, 0.0), mask)
         if h2 is not None and self.ref_h2 is not None and h2.sum() > 0:
@@ -148,7 +158,7 @@ class _Comparison:
     def score(self, row: dict[str, Any], label: str, cvs: dict[str, np.ndarray], log_w: np.ndarray | None) -> None:
         """FES and JS scores of a method's samples against the reference, and its curves for the plots."""
         fes, h2 = self.grid.histograms(cvs, log_w)
-        row.update(self.grid.scores(np.asarray(fes.f_kT), h2))
+        row.update(self.grid.scores(np.asarray(fes.f_kT), h2, np.asarray(fes.n_eff)))
         self.add_curves(label, fes, h2)
 
     def add_curves(self, label: str, fes: FreeEnergySurface, h2: np.ndarray | None) -> None:
@@ -163,7 +173,8 @@ def _row(method: str, source: Path | str, free_energies: list[FreeEnergyRow], **
     row: dict[str, Any] = {"method": method, "source": str(source), "free_energies": fe_rows,
                            "delta_f_kT": None if first is None else first.delta_f_kT,
                            "stderr_kT": None if first is None else first.stderr_kT,
-                           "fes_rmse_kT": None, "fes_bins_compared": 0, "fes_bins_missing": 0, "js_divergence": None}
+                           "fes_rmse_kT": None, "fes_bins_compared": 0, "fes_bins_missing": 0, "fes_bins_sparse": 0,
+                           "js_divergence": None}
     row.update(fields)
     return row
 
@@ -256,15 +267,19 @@ def _add_importance_sampling(c: _Comparison, sample: SampleSummary | None) -> No
     if sample is not None:
         block, source = sample, c.run.sample_summary
         evaluations, wall = sample.energy_evaluations["total"], sample.wall_seconds
-        samples = Path(sample.samples_file)
+        samples = c.run.resolve(sample.samples_file)
     elif c.train is not None:
         block, source = c.train, c.run.summary
         evaluations, wall, samples = c.train.energy_evaluations.get("sampling"), c.train.sampling_wall_seconds, c.run.samples
     else:
         return
-    row = _row("importance sampling (flow)", source, block.free_energies, ess=block.ess * block.n_samples,
+    # An estimated log-det (residual flows) puts its noise into every weight: the row says so.
+    log_det = block.log_det
+    method = "importance sampling (flow)" if log_det is None else "importance sampling (flow, estimated log-det)"
+    row = _row(method, source, block.free_energies, ess=block.ess * block.n_samples,
                n_samples=block.n_samples, energy_evaluations=evaluations, wall_seconds=wall, **c.training_cost,
-               pareto_khat=block.pareto_khat, weights=getattr(block, "weights", "raw"))
+               pareto_khat=block.pareto_khat, weights=getattr(block, "weights", "raw"),
+               log_det=None if log_det is None else log_det.to_json())
     if samples.is_file():
         c.score(row, "importance sampling", c.read_cvs(samples), read_datasets(samples, ["log_w"])["log_w"])
     c.rows.append(row)
@@ -405,8 +420,8 @@ def _table(rows: list[dict[str, Any]], pair: str, with_exact: bool) -> str:
         wall = row.get("wall_seconds")
         wall_text = _fmt(wall) + (f" (+{_fmt(row['fixed_wall_seconds'])} training)" if row.get("fixed_wall_seconds") else "")
         fes = "reference" if row.get("reference") else _fmt(row.get("fes_rmse_kT"), ".3f")
-        if row.get("fes_bins_missing"):
-            fes += f" ({row['fes_bins_missing']} bins empty)"
+        if row.get("fes_bins_missing") or row.get("fes_bins_sparse"):
+            fes += f" ({row.get('fes_bins_missing', 0)} bins empty, {row.get('fes_bins_sparse', 0)} sparse)"
         js = "reference" if row.get("reference") else _fmt(row.get("js_divergence"), ".2e")
         cells = [row["method"], f_text]
         if with_exact:
@@ -435,9 +450,10 @@ def _report_markdown(name: str, table: str, c: _Comparison, plot_files: list[Pat
         "bar around a wrong value) and, for importance sampling, holds only with finite-variance weights "
         "(Pareto k̂ < 0.5).",
         f"- FES RMSE: along {cv}, over the bins holding ≥ {POPULATED:g} of the reference probability, after the "
-        "best constant shift; bins that are populated in the reference but empty for the method are left out and "
-        "counted. JS: Jensen–Shannon divergence (nats, in [0, ln 2]) of the "
-        f"{hist} histograms, {BINS_2D}×{BINS_2D} bins, against the reference.",
+        "best constant shift; bins that are populated in the reference but empty for the method, or held by "
+        f"fewer than {MIN_BIN_SAMPLES:g} effective samples (Kish, per bin), are left out and counted. "
+        f"JS: Jensen–Shannon divergence (nats, in [0, ln 2]) of the {hist} histograms, {BINS_2D}×{BINS_2D} bins, "
+        "against the reference.",
         f"- Reference: {c.grid.ref_label or 'none available (no MD data)'}."
         + (" The baseline MALA keeps no samples on disk, so it has no FES/JS scores." if not c.molecule else ""),
         "",
@@ -445,5 +461,11 @@ def _report_markdown(name: str, table: str, c: _Comparison, plot_files: list[Pat
     khat = next((r.get("pareto_khat") for r in c.rows if r.get("pareto_khat") is not None), None)
     if khat is not None and khat > 0.7:
         lines += [f"**WARNING**: Pareto k̂ = {khat:.2f} > 0.7: the importance-sampling error bar is unreliable.", ""]
+    log_det = next((r["log_det"] for r in c.rows if r.get("log_det")), None)
+    if log_det is not None:
+        lines += [f"**Estimated log-det**: the flow's log q comes from {log_det['estimator']}; its standard deviation, "
+                  f"{log_det['log_q_std']:.4f}, is noise in every log-weight, and even an unbiased log q gives weights "
+                  "biased by about exp(variance / 2). `boltzgen mcmc` uses the exact log-det instead (up to 64 latent "
+                  "dimensions).", ""]
     lines += ["## Plots", ""] + [f"![{p.stem}]({p.relative_to(c.run.path)})" for p in plot_files] + [""]
     return "\n".join(lines)

@@ -85,6 +85,11 @@ class RunDir(Folder):
         return self.path / "metrics.csv"
 
     @property
+    def diagnostics(self) -> Path:
+        """Per logged step of a data-free stage (FAB, annealing): its AIS, buffer and annealing diagnostics."""
+        return self.path / "diagnostics.csv"
+
+    @property
     def samples(self) -> Path:
         return self.path / "samples.h5"
 
@@ -122,19 +127,49 @@ class RunDir(Folder):
         """Every ``mcmc*/`` folder that holds a summary, sorted by name."""
         return [MCMCDir(p.parent) for p in sorted(self.path.glob("mcmc*/summary.json"))]
 
+    def relative(self, path: Path) -> str:
+        """``path`` as stored in a summary: relative to the run directory when inside it, so that a
+        copied or moved run directory reads its own files."""
+        try:
+            return str(Path(path).resolve().relative_to(self.path.resolve()))
+        except ValueError:
+            return str(Path(path).resolve())
+
+    def resolve(self, stored: str) -> Path:
+        """The file a summary names: relative paths are inside the run directory."""
+        path = Path(stored)
+        return path if path.is_absolute() else self.path / path
+
     def prepare_for_training(self, resume: bool, force: bool) -> None:
-        """Refuse to overwrite a trained run unless asked; create the folders."""
+        """Refuse to overwrite a trained run unless asked, and create the folders."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path}: is a file, not a run directory; pass --out DIR")
         if (self.checkpoint.exists() or self.summary.exists()) and not (resume or force):
             raise RunError(f"{self.path} already holds a trained run; pass --resume to continue it, --force to "
                            "overwrite it, or --out DIR to write elsewhere")
         self.plots.mkdir(parents=True, exist_ok=True)
 
+    def remove_orphan_temporaries(self) -> list[Path]:
+        """Delete the temporary files an interrupted write left behind (``.NAME.*.tmp``, ``*.csv.tmp``).
+
+        Atomic writes go to such a file beside their target and rename it when done; a killed
+        command leaves it. One command at a time may write into a run directory.
+        """
+        orphans = [p for pattern in (".*.tmp", "*.csv.tmp") for p in self.path.glob(pattern)]
+        orphans += [p for pattern in ("*/.*.tmp", "*/*.csv.tmp") for p in self.path.glob(pattern)]
+        for path in orphans:
+            path.unlink(missing_ok=True)
+        return orphans
+
     def require_trained(self) -> RunDir:
         """This run directory, checked to hold a trained flow (its config and checkpoint)."""
-        if not self.path.is_dir():
+        if not self.path.exists():
             raise RunError(f"{self.path}: no such run directory; create one with "
                            f"`boltzgen train CONFIG --out {self.path}`")
+        if not self.path.is_dir():
+            raise RunError(f"{self.path}: is a file, not a run directory written by `boltzgen train`")
         for path in (self.config, self.checkpoint):
             if not path.exists():
                 raise RunError(f"{self.path}: no {path.name}; is this a run directory written by `boltzgen train`?")
+        self.remove_orphan_temporaries()
         return self

@@ -29,16 +29,19 @@ from boltzgen.estimators.weights import (
     count_nonfinite,
     ess_per_observable,
     kish_ess,
+    log_z_importance_sampling,
     max_normalized_weight,
     pareto_khat,
     psis_log_weights,
     truncated_log_weights,
 )
 from boltzgen.files import atomic_write_json, json_safe
+from boltzgen.flows.residual import measure_log_q_noise
 from boltzgen.generator import BoltzmannGenerator
 from boltzgen.geometry import find_alpha_carbon_chirality, is_l_chirality
+from boltzgen.runs.resources import check_samples
 from boltzgen.runs.rundir import RunDir
-from boltzgen.runs.summaries import FreeEnergyRow, SampleSummary, ThermodynamicRow
+from boltzgen.runs.summaries import FreeEnergyRow, LogDetEstimate, LogZRow, SampleSummary, ThermodynamicRow
 from boltzgen.runs.target import Target, load_run
 from boltzgen.trajectory import SampleWriter
 
@@ -144,6 +147,26 @@ class WeightStats:
         return bool(self.pareto_khat <= KHAT_UNRELIABLE)
 
 
+def log_det_report(generator: BoltzmannGenerator) -> LogDetEstimate | None:
+    """For a flow whose log-det is estimated, which estimator and how much it moves log q
+    (:func:`~boltzgen.flows.residual.measure_log_q_noise` on 256 samples, 8 repeats); else ``None``."""
+    capabilities = generator.flow.capabilities
+    if capabilities.exact_log_det:
+        return None
+    noise = measure_log_q_noise(generator.prior, generator.flow)
+    return LogDetEstimate(estimator=capabilities.estimator or "unknown", unbiased=capabilities.unbiased,
+                          n_points=noise.n_points, n_repeats=noise.n_repeats, log_q_std=noise.std,
+                          log_q_std_max=noise.std_max, log_q_bias=noise.bias, log_q_bias_stderr=noise.bias_stderr)
+
+
+def log_z_row(target: Target, log_w: np.ndarray) -> LogZRow:
+    """log Z from the raw log-weights ``[N]`` (weight-0 samples count in N), the exact value of an
+    analytic system, and ``relative`` for a molecule (see :class:`~boltzgen.runs.summaries.LogZRow`)."""
+    estimate = log_z_importance_sampling(log_w)
+    return LogZRow(estimate=estimate.value, stderr=estimate.stderr, exact=target.exact_log_z(),
+                   relative=target.molecule is not None)
+
+
 def sample_free_energies(target: Target, samples: SampleSet, n_bootstrap: int, seed: int) -> list[FreeEnergyRow]:
     """ΔF of every state pair from the weighted samples, with bootstrap errors."""
     masks = target.state_masks(samples.cvs)
@@ -175,8 +198,7 @@ def cv_range(target: Target, name: str) -> tuple[float, float]:
     if is_angle(name):
         return (-math.pi, math.pi)
     if isinstance(energy, AnalyticEnergy) and name.startswith("x") and name[1:].isdigit():
-        d = int(name[1:])
-        return (float(energy.box.lower[d]), float(energy.box.upper[d]))
+        return energy.cv_range(int(name[1:]))
     raise ValueError(f"no histogram range known for CV {name!r}")
 
 
@@ -210,17 +232,6 @@ def select_weights(log_w: np.ndarray, method: str) -> np.ndarray:
     if method == "truncate":
         return truncated_log_weights(log_w)
     raise RunError(f"--weights: unknown method {method!r}; choose one of {', '.join(WEIGHTS)}")
-
-
-def parse_temperatures(text: str) -> list[float]:
-    """``"290,310"`` -> ``[290.0, 310.0]``; a RunError naming ``--temperatures`` for anything else."""
-    values = []
-    for item in text.split(","):
-        try:
-            values.append(float(item))
-        except ValueError:
-            raise RunError(f"--temperatures: {item.strip()!r} is not a number; give e.g. --temperatures 290,310") from None
-    return values
 
 
 def check_temperatures(temperatures: Sequence[float]) -> list[float]:
@@ -267,10 +278,11 @@ def sample_job(run: RunDir, n: int, batch: int | None = None, out: Path | None =
         raise RunError(f"--weights: unknown method {weights!r}; choose one of {', '.join(WEIGHTS)}")
     trained = load_run(run)
     config, target, generator = trained.config, trained.target, trained.generator
-    batch = batch or config.sampling.batch
+    batch = config.sampling.batch if batch is None else batch
     if batch < 1:
         raise RunError(f"--batch must be at least 1, got {batch}")
     path = Path(out) if out is not None else run.samples
+    check_samples(target.shape, n, batch, path.parent, "--n")
     torch.manual_seed(config.seed if seed is None else seed)
     evaluations0 = generator.energy.evaluations
     samples = draw_samples(generator, target, n, batch, path, progress, config.coordinates.reject_wrong_chirality,
@@ -299,7 +311,8 @@ def sample_job(run: RunDir, n: int, batch: int | None = None, out: Path | None =
         chirality_rejected=config.coordinates.reject_wrong_chirality if molecule else None,
         fes=sample_fes(run, target, used, names, seed=config.seed),
         energy_evaluations={"sampling": evaluations, "total": evaluations},
-        sampling_wall_seconds=samples.wall_seconds, samples_file=str(path), batch=batch,
+        sampling_wall_seconds=samples.wall_seconds, samples_file=run.relative(path), batch=batch,
+        log_det=log_det_report(generator), log_z=log_z_row(target, samples.log_w),
         wall_seconds=time.perf_counter() - started,
     )
     summary.write(run.sample_summary)
@@ -312,8 +325,8 @@ def sample_fes(run: RunDir, target: Target, samples: SampleSet, names: list[str]
     out: dict[str, Any] = {}
     energy = target.energy
     exact_marginals: dict[str, np.ndarray] = {}
-    if isinstance(energy, AnalyticEnergy) and len(names) == 2:
-        p = energy.bin_probabilities(*(cv_edges(target, name, FES_BINS_1D) for name in names))
+    if isinstance(energy, AnalyticEnergy) and names[:2] == ["x0", "x1"]:  # quadrature of the (x0, x1) density
+        p = energy.bin_probabilities(*(cv_edges(target, name, FES_BINS_1D) for name in names[:2]))
         exact_marginals = {names[0]: p.sum(axis=1), names[1]: p.sum(axis=0)}
     for name in names:
         edges = cv_edges(target, name, FES_BINS_1D)

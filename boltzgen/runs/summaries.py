@@ -147,6 +147,44 @@ class Profile(SummaryFile):
     source: str | None = None
 
 
+@summary
+class LogDetEstimate(SummaryFile):
+    """The flow's log-det is estimated (residual flows), so ``log q`` and the importance weights carry
+    the estimator's noise.
+
+    ``estimator`` names it and ``unbiased`` says whether ``E[log q_hat] = log q`` (even then a weight
+    ``exp(-u - log q_hat)`` is biased upward by about ``exp(var / 2)``). The noise is measured on
+    ``n_points`` flow samples, each latent evaluated ``n_repeats`` times: ``log_q_std`` is the root of
+    the mean per-point variance of ``log q``, ``log_q_std_max`` the largest per-point standard
+    deviation. ``log_q_bias`` is the mean of (average estimate - exact ``log q``) over the points,
+    where the exact log-det was affordable (``null`` otherwise); ``log_q_bias_stderr`` its error.
+    """
+
+    estimator: str
+    unbiased: bool
+    n_points: int
+    n_repeats: int
+    log_q_std: Float
+    log_q_std_max: Float
+    log_q_bias: Float | None = None
+    log_q_bias_stderr: Float | None = None
+
+
+@summary
+class LogZRow(SummaryFile):
+    """log Z = log ∫ exp(-u) dx by importance sampling: ``estimate`` = logsumexp(log w) - log N over
+    the flow samples (weight-0 samples count in N) with its delta-method ``stderr``; ``exact`` where
+    it is known (analytic systems: quadrature or closed form). ``relative`` is true for a molecule:
+    an OpenMM energy has an arbitrary zero and the flow's density is over its own coordinates, so
+    only differences between runs of the same system and coordinates mean something.
+    """
+
+    estimate: Float
+    stderr: Float
+    exact: float | None = None
+    relative: bool
+
+
 # --- the summary files ---------------------------------------------------------------------------
 
 @summary
@@ -203,13 +241,15 @@ class TrainSummary(SummaryFile):
     free_energies: list[FreeEnergyRow]
     n_wrong_chirality: int | None = None
     chirality_rejected: bool | None = None
-    baseline: BaselineSummary
+    baseline: BaselineSummary | None = None  # None: trained without data, and no baseline ran
     umbrella: UmbrellaSummary | None = None
     energy_evaluations: dict[str, int]
     energy_seconds: dict[str, float]
     training_wall_seconds: float
     sampling_wall_seconds: float
     n_nonfinite_training: int
+    log_det: LogDetEstimate | None = None
+    log_z: LogZRow | None = None
     wall_seconds: float
 
 
@@ -238,6 +278,8 @@ class SampleSummary(SummaryFile):
     sampling_wall_seconds: float
     samples_file: str
     batch: int
+    log_det: LogDetEstimate | None = None
+    log_z: LogZRow | None = None
     wall_seconds: float
 
 

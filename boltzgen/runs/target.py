@@ -8,24 +8,42 @@ and :func:`load_run` rebuilds both from a trained run directory.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from boltzgen.config import Config, DoubleWellSystem, MuellerBrownSystem, OpenMMSystem, load_config
-from boltzgen.energies.analytic import AnalyticEnergy, DoubleWell, MuellerBrown
+from boltzgen.config import (
+    Config,
+    DoubleWellSystem,
+    GaussianMixtureSystem,
+    ManyWellSystem,
+    MuellerBrownSystem,
+    OpenMMSystem,
+    load_config,
+)
+from boltzgen.energies.analytic import AnalyticEnergy, DoubleWell, GaussianMixture, ManyWell, MuellerBrown
 from boltzgen.energies.base import Energy
 from boltzgen.errors import RunError
 from boltzgen.estimators.free_energy import FreeEnergy
 from boltzgen.flows.build import build_flow
 from boltzgen.flows.internal import InternalCoordinates, MixedCoordinates
+from boltzgen.flows.transforms import ActNorm
 from boltzgen.flows.zmatrix import build_mixed_zmatrix, zmatrix_from_topology
 from boltzgen.generator import BoltzmannGenerator
+from boltzgen.training import load_model_state, read_checkpoint
+from boltzgen.runs.resources import Shape
 from boltzgen.runs.rundir import RunDir
 from boltzgen.runs.summaries import FreeEnergyRow
-from boltzgen.states import StateDefinition, backbone_torsions, cartesian_cvs, dihedral_cvs, resolve_states
+from boltzgen.states import (
+    StateDefinition,
+    backbone_torsions,
+    cartesian_cvs,
+    check_state_cvs,
+    dihedral_cvs,
+    resolve_states,
+)
 
 
 def select_device(name: str) -> torch.device:
@@ -52,6 +70,8 @@ class Target:
     states: dict[str, StateDefinition]
     molecule: Any = None
     torsions: dict[str, tuple[int, int, int, int]] | None = None
+    #: The exact ΔF, computed once (a quadrature of millions of points).
+    _exact: dict[tuple[str, str], float] | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def topology(self) -> Any:
@@ -72,12 +92,28 @@ class Target:
         """Membership ``[n]`` bool of every state, in config order."""
         return {name: state.evaluate(cvs) for name, state in self.states.items()}
 
+    def quadrature_states(self) -> dict[str, StateDefinition]:
+        """The states whose exact probability quadrature gives: those of an analytic energy that use
+        x0 and x1 only (the quadrature is over their joint density); none for a molecule."""
+        if not isinstance(self.energy, AnalyticEnergy):
+            return {}
+        return {name: s for name, s in self.states.items() if s.names_used() <= {"x0", "x1"}}
+
     def exact_free_energies(self) -> dict[tuple[str, str], float] | None:
-        """ΔF of every pair by quadrature for an analytic energy, ``None`` for a molecule."""
+        """ΔF of every pair by quadrature for an analytic energy (the pairs whose states use x0 and
+        x1 only), ``None`` for a molecule."""
         if not isinstance(self.energy, AnalyticEnergy):
             return None
-        probabilities = self.energy.quadrature_probabilities({name: s.evaluate for name, s in self.states.items()})
-        return {(a, b): -math.log(probabilities[b] / probabilities[a]) for a, b in self.pairs}
+        if self._exact is None:
+            states = self.quadrature_states()
+            probabilities = self.energy.quadrature_probabilities({name: s.evaluate for name, s in states.items()})
+            self._exact = {(a, b): -math.log(probabilities[b] / probabilities[a]) for a, b in self.pairs
+                           if a in probabilities and b in probabilities}
+        return dict(self._exact)
+
+    def exact_log_z(self) -> float | None:
+        """The exact log Z of an analytic energy, ``None`` for a molecule."""
+        return self.energy.log_z if isinstance(self.energy, AnalyticEnergy) else None
 
     def free_energy_rows(self, estimates: dict[tuple[str, str], FreeEnergy]) -> list[FreeEnergyRow]:
         """Summary rows of ``estimates``, with the exact value where quadrature knows it."""
@@ -87,24 +123,56 @@ class Target:
     def with_energy(self, energy: Energy) -> Target:
         return replace(self, energy=energy)
 
+    @property
+    def shape(self) -> Shape:
+        """Sizes for the resource checks: the state dimension and the number of CVs."""
+        n_cvs = self.energy.dim if self.torsions is None else len(self.torsions) + 2
+        return Shape(dim=self.energy.dim, n_cvs=n_cvs, molecule=self.molecule is not None)
+
 
 def build_target(config: Config) -> Target:
-    """The energy of ``config.system`` (OpenMM or the torch force field for molecules) and the states."""
+    """The energy of ``config.system`` (OpenMM or the torch force field for molecules) and the states.
+
+    Everything about the system that can be wrong is checked here, before any MD or training: the
+    OpenMM platforms, the states' CVs, states that no configuration can be in, and the atoms.
+    """
     spec = config.system
     states = resolve_states(config.states)
     if isinstance(spec, DoubleWellSystem):
-        return Target(DoubleWell(spec.a, spec.b, spec.c), states)
-    if isinstance(spec, MuellerBrownSystem):
-        return Target(MuellerBrown(spec.beta), states)
-    assert isinstance(spec, OpenMMSystem)
-    from boltzgen.energies.openmm import OpenMMEnergy
+        target = Target(DoubleWell(spec.a, spec.b, spec.c), states)
+    elif isinstance(spec, MuellerBrownSystem):
+        target = Target(MuellerBrown(spec.beta), states)
+    elif isinstance(spec, ManyWellSystem):
+        target = Target(ManyWell(spec.dim), states)
+    elif isinstance(spec, GaussianMixtureSystem):
+        target = Target(GaussianMixture(spec.n_modes, spec.loc_scale, spec.scale, spec.seed), states)
+    else:
+        target = _molecule_target(config, states)
+    _check_states_can_be_reached(target)
+    return target
+
+
+def _molecule_target(config: Config, states: dict[str, StateDefinition]) -> Target:
+    from boltzgen.energies.openmm import OpenMMEnergy, available_platforms
     from boltzgen.energies.openmm import build_system as build_molecule
 
+    spec = config.system
+    assert isinstance(spec, OpenMMSystem)
+    platforms = available_platforms()
+    for key, name in (("system.platform", spec.platform), ("md.platform", config.md.platform),
+                      ("umbrella.platform", config.umbrella.platform)):
+        if name != "auto" and name not in platforms:
+            raise RunError(f"{key}: OpenMM platform {name} is not available here; available: {', '.join(platforms)}")
     molecule = build_molecule(spec.pdb, spec.forcefield, spec.temperature_K)
     try:
         torsions = backbone_torsions(molecule.mdtraj_topology)
+        check_state_cvs(states, list(dihedral_cvs(molecule.positions_nm[None], torsions)))
     except ValueError as exc:
-        raise RunError(f"{spec.pdb}: {exc}; the CVs of a molecule are its backbone torsions") from None
+        raise RunError(f"states: {exc} (the CVs of a molecule are its backbone torsions, in radians)") from None
+    atoms = config.coordinates.cartesian_atoms or []
+    if any(a >= molecule.n_atoms for a in atoms) or len(set(atoms)) != len(atoms):
+        raise RunError(f"coordinates.cartesian_atoms: need distinct atom indices below {molecule.n_atoms} "
+                       f"(the molecule's atom count), got {atoms}")
     if spec.energy_backend == "openmm":
         energy: Energy = OpenMMEnergy(molecule, platform=spec.platform, n_workers=spec.n_workers)
     else:
@@ -117,15 +185,52 @@ def build_target(config: Config) -> Target:
     return Target(energy, states, molecule, torsions)
 
 
+#: Random torsions that probe whether a molecule's state can hold any configuration at all.
+STATE_PROBES = 20_000
+
+
+def _check_states_can_be_reached(target: Target) -> None:
+    """A RunError naming a state that no configuration can be in (``x0 > 0 and x0 < 0``, ``phi > 4``).
+
+    Analytic systems: its exact probability on the quadrature box is 0. Molecules: none of
+    :data:`STATE_PROBES` uniformly random torsion sets falls in it (torsions span [-pi, pi)).
+    """
+    if isinstance(target.energy, AnalyticEnergy):
+        with np.errstate(all="ignore"):
+            probabilities = target.energy.quadrature_probabilities(
+                {n: s.evaluate for n, s in target.quadrature_states().items()}, points_per_dim=401)
+        empty = [name for name, p in probabilities.items() if not p > 0]
+    elif target.torsions:
+        rng = np.random.default_rng(0)
+        probes = {name: rng.uniform(-math.pi, math.pi, STATE_PROBES) for name in target.torsions}
+        probes.update(phi=probes.get("phi0"), psi=probes.get("psi0"))
+        with np.errstate(all="ignore"):
+            empty = [name for name, state in target.states.items() if not state.evaluate(probes).any()]
+    else:
+        return
+    if empty:
+        raise RunError(f"states.{empty[0]}: no configuration of this system is in state {empty[0]} "
+                       f"({target.states[empty[0]].expression[:80]}); check its bounds")
+
+
 def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | None) -> InternalCoordinates | MixedCoordinates:
     """The internal or mixed coordinate transform of a molecule.
 
     ``x_data`` ``[n, dim]`` (nm) fits the standardization; ``None`` builds placeholders of the right
-    shapes, to be filled by a checkpoint.
+    shapes, to be filled by a checkpoint. One structure (``n = 1``, training without data, see
+    :func:`reference_structure`) centres internal coordinates on it, with :data:`REFERENCE_STD`.
     """
     topology = target.topology
     n_atoms = topology.n_atoms
     data = None if x_data is None else x_data.to(torch.float64)
+    if data is not None and data.shape[0] == 1:
+        if config.coordinates.type != "internal":
+            raise RunError(f"coordinates.type {config.coordinates.type}: training without data needs coordinates.type "
+                           "internal (its standardization is centred on the energy-minimized structure)")
+        plain = InternalCoordinates(zmatrix_from_topology(topology))
+        std = torch.full((plain.dim_internal,), REFERENCE_STD["angle"], dtype=torch.float64)
+        std[: plain.n_bonds] = REFERENCE_STD["bond"]
+        return InternalCoordinates(plain.zmatrix.cpu().numpy(), mean=plain.internal(data)[0], std=std)
     if config.coordinates.type == "internal":
         zmatrix = zmatrix_from_topology(topology)
         if data is not None:
@@ -141,6 +246,20 @@ def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | Non
     return MixedCoordinates(cartesian, zmatrix, n_atoms, mean=torch.zeros(d), std=torch.ones(d))
 
 
+#: Standardization of internal coordinates around one reference structure, when no data fit it:
+#: bonds in nm, angles in rad (torsions are not scaled); the values of Stimper et al.'s alanine flows.
+REFERENCE_STD = {"bond": 0.005, "angle": 0.15}
+
+
+def reference_structure(target: Target) -> torch.Tensor:
+    """The molecule's PDB structure after a local energy minimization, ``[1, 3N]`` nm float64: what
+    a flow trained without data is centred on."""
+    from boltzgen.energies.openmm import minimize_positions
+
+    positions = minimize_positions(target.molecule, np.asarray(target.molecule.positions_nm, dtype=np.float64))
+    return torch.as_tensor(positions, dtype=torch.float64).reshape(1, -1)
+
+
 def build_generator(config: Config, target: Target, x_data: torch.Tensor | None) -> BoltzmannGenerator:
     """Prior + flow (+ coordinate transform for molecules) + energy; ``x_data`` as in :func:`build_coordinates`."""
     coordinates = None
@@ -148,6 +267,13 @@ def build_generator(config: Config, target: Target, x_data: torch.Tensor | None)
     if target.molecule is not None and config.coordinates.type != "identity":
         coordinates = build_coordinates(config, target, x_data)
         dim, circular = coordinates.dim_internal, coordinates.circular_mask
+    elif config.coordinates.scale != 1.0:
+        if target.molecule is not None:
+            raise RunError("coordinates.scale is for analytic systems; a molecule's coordinates are standardized")
+        coordinates = ActNorm(dim)  # takes the place of the flow's last ActNorm, initialized to the scale
+        with torch.no_grad():
+            coordinates.log_scale.fill_(math.log(config.coordinates.scale))
+            coordinates.initialized.fill_(True)
     prior, flow = build_flow(config.flow, dim, circular=circular, coordinates=coordinates, seed=config.seed)
     return BoltzmannGenerator(prior, flow, target.energy)
 
@@ -179,12 +305,7 @@ def load_run(run: RunDir) -> TrainedRun:
     target = build_target(config)
     device = select_device(config.device)
     generator = build_generator(config, target, None)
-    try:
-        state = torch.load(run.checkpoint, map_location="cpu", weights_only=False)
-        generator.load_state_dict(state["model"])
-    except Exception as exc:  # a truncated or foreign file: say which, not a traceback
-        raise RunError(f"{run.checkpoint}: cannot be loaded ({type(exc).__name__}); retrain or "
-                       "--resume the run") from None
+    load_model_state(generator, read_checkpoint(run.checkpoint)["model"], run.checkpoint)
     to_flow_dtype(generator, device, getattr(torch, config.dtype))
     generator.eval()
     return TrainedRun(run, config, resolved, target, generator)

@@ -2,22 +2,38 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import time
+from functools import partial
 from typing import Any
 
 import numpy as np
 import torch
 
 from boltzgen import plots
-from boltzgen.config import Config, dump_config
+from boltzgen.config import Config, OpenMMSystem, dump_config
+from boltzgen.errors import ConfigError
+from boltzgen.flows.build import can_transform_circular, flow_capabilities
 from boltzgen.energies.analytic import AnalyticEnergy
+from boltzgen.energies.base import RestrictedEnergy
 from boltzgen.files import atomic_write_text
+from boltzgen.generator import BoltzmannGenerator
+from boltzgen.geometry import find_alpha_carbon_chirality, is_l_chirality
 from boltzgen.runs.baselines import TrainingData, baseline_free_energies, phi_profile, training_data
+from boltzgen.runs.resources import check_train
 from boltzgen.runs.rundir import RunDir
-from boltzgen.runs.sample import SampleSet, WeightStats, draw_samples, sample_free_energies
+from boltzgen.runs.sample import SampleSet, WeightStats, draw_samples, log_det_report, log_z_row, sample_free_energies
 from boltzgen.runs.summaries import BaselineSummary, TrainSummary, UmbrellaSummary
-from boltzgen.runs.target import Target, build_generator, build_target, select_device, to_flow_dtype
-from boltzgen.training import Trainer
+from boltzgen.runs.target import (
+    Target,
+    build_generator,
+    build_target,
+    reference_structure,
+    select_device,
+    to_flow_dtype,
+)
+from boltzgen.training import Trainer, check_recipe, load_model_state, read_checkpoint
 
 #: Bins per dimension of the density plot of a 2-D analytic system.
 DENSITY_BINS = 120
@@ -25,28 +41,33 @@ DENSITY_BINS = 120
 
 def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = False, force: bool = False,
           progress: bool = True) -> TrainSummary:
-    """The whole `boltzgen train` job. Returns the summary that it also writes to the run's summary file."""
+    """The whole `boltzgen train` job. Returns the summary that it also writes to the run's summary file.
+
+    Everything that can be checked is checked before the baseline and training start: the system,
+    the states, the sizes, and on ``resume`` the checkpoint against the config. A resume that fails
+    leaves the run directory as it was; its config file is replaced only once the checkpoint loaded.
+    """
     started = time.perf_counter()
+    check_flow(config)
     run.prepare_for_training(resume, force)
-    atomic_write_text(run.config, dump_config(resolved))
+    resuming = resume and run.checkpoint.exists()
     torch.manual_seed(config.seed)
     # Intra-op threads cost more than they give on small flows (measured 6x slower with 2 threads).
     torch.set_num_threads(config.cpu_threads)
     device = select_device(config.device)
-    dtype = getattr(torch, config.dtype)
     target = build_target(config)
+    check_train(config, target.shape, run.path)
+    if resuming:
+        load_model_state(build_generator(config, target, None), read_checkpoint(run.checkpoint)["model"],
+                         run.checkpoint)
+    else:
+        atomic_write_text(run.config, dump_config(resolved))
     energy = target.energy.to(device)
 
-    data = training_data(config, target, run, progress)
+    data = training_data(config, target, run, progress) if needs_baseline(config, target) else None
     energy.evaluations, energy.seconds = 0, 0.0
 
-    x_train = torch.as_tensor(data.x, dtype=torch.float64)
-    generator = build_generator(config, target, x_train)
-    to_flow_dtype(generator, device, dtype)
-    trainer = Trainer(generator, config.training, run.checkpoint, run.metrics,
-                      data=x_train.to(device=device, dtype=dtype), checkpoint_every=config.checkpoint_every,
-                      log_every=config.log_every, progress=progress)
-    trainer.run(resume=resume)
+    generator, trainer = _train_flow(config, resolved, run, target, data, resuming, progress)
     training_evaluations, training_energy_seconds = energy.evaluations, energy.seconds
 
     samples = draw_samples(generator, target, config.sampling.n, config.sampling.batch, run.samples,
@@ -55,6 +76,7 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
     sampling_energy_seconds = energy.seconds - training_energy_seconds
     umbrella = UmbrellaSummary.read(run.umbrella.summary) if run.umbrella.summary.exists() else None
     make_plots(run, target, data, samples, umbrella)
+    write_diagnostics(run, config, target, trainer.diagnostics)
 
     stats = WeightStats.of(samples.log_w)
     molecule = target.molecule is not None
@@ -65,17 +87,97 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
         free_energies=sample_free_energies(target, samples, config.sampling.n_bootstrap, config.seed),
         n_wrong_chirality=samples.n_wrong_chirality if molecule else None,
         chirality_rejected=config.coordinates.reject_wrong_chirality if molecule else None,
-        baseline=baseline_summary(target, data), umbrella=umbrella,
+        baseline=None if data is None else baseline_summary(target, data), umbrella=umbrella,
         energy_evaluations={"training": training_evaluations, "sampling": sampling_evaluations,
                             "total": training_evaluations + sampling_evaluations},
         # Time inside energy calls (this process, since start or resume): what the backend costs.
         energy_seconds={"training": training_energy_seconds, "sampling": sampling_energy_seconds,
                         "total": training_energy_seconds + sampling_energy_seconds},
         training_wall_seconds=trainer.wall_seconds, sampling_wall_seconds=samples.wall_seconds,
-        n_nonfinite_training=trainer.n_nonfinite, wall_seconds=time.perf_counter() - started,
+        # This session's wall time plus the training time of the sessions it resumed.
+        n_nonfinite_training=trainer.n_nonfinite, log_det=log_det_report(generator),
+        log_z=log_z_row(target, samples.log_w),
+        wall_seconds=time.perf_counter() - started + trainer.resumed_wall_seconds,
     )
     summary.write(run.summary)
     return summary
+
+
+def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: Target, data: TrainingData | None,
+                resuming: bool, progress: bool) -> tuple[BoltzmannGenerator, Trainer]:
+    """Build the generator (a molecule's coordinates fitted to the data, or centred on its minimized
+    structure without data) and train it, or resume its training."""
+    device, dtype = select_device(config.device), getattr(torch, config.dtype)
+    x_train = None if data is None else torch.as_tensor(data.x, dtype=torch.float64)
+    reference = reference_structure(target) if x_train is None and target.molecule is not None else None
+    generator = build_generator(config, target, x_train if x_train is not None else reference)
+    to_flow_dtype(generator, device, dtype)
+    # The Trainer gets the data only when a stage trains on them: they also initialize ActNorm, and
+    # the baseline of a target trained without data can miss modes (the 32-D many-well's MALA does).
+    used = x_train is not None and trains_on_data(config)
+    trainer = Trainer(generator, config.training, run.checkpoint, run.metrics,
+                      data=x_train.to(device=device, dtype=dtype) if used else None,
+                      checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=progress)
+
+    def commit() -> None:  # the checkpoint loaded: from here on the run is this config's
+        run.remove_orphan_temporaries()
+        atomic_write_text(run.config, dump_config(resolved))
+
+    if target.molecule is not None and config.coordinates.reject_wrong_chirality and not used:
+        # Without data nothing else keeps the flow from the mirror image (same energy): train on the
+        # L form only, so D samples have weight 0 (counted with the non-finite energies).
+        quads = find_alpha_carbon_chirality(target.topology)
+        generator.energy = RestrictedEnergy(target.energy, partial(is_l_chirality, topology=quads))
+    try:
+        trainer.run(resume=resuming, on_start=commit)
+    finally:
+        if generator.energy is not target.energy:  # a resumed run restored the wrapper's count
+            target.energy.evaluations = generator.energy.evaluations
+            generator.energy = target.energy
+    return generator, trainer
+
+
+def check_flow(config: Config) -> None:
+    """Refuse, before anything runs, a flow that cannot do what the config asks of it: a stage that
+    needs the density of external data from a flow without an inverse, or circular coordinates (a
+    molecule's torsions) for a family that cannot transform them. One line naming the stage or key."""
+    try:
+        check_recipe(config.training, flow_capabilities(config.flow), f"flow.type {config.flow.type}")
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    circular = isinstance(config.system, OpenMMSystem) and config.coordinates.type != "identity"
+    if circular and not can_transform_circular(config.flow):
+        raise ConfigError(f"flow.type: {config.flow.type} cannot transform the torsions (circular coordinates) of "
+                          f"coordinates.type {config.coordinates.type}; use neural_spline, or maf/iaf with "
+                          "autoregressive.transformer spline")
+
+
+def trains_on_data(config: Config) -> bool:
+    """Whether a stage trains on the baseline's data (forward KL or mixed)."""
+    return any(stage.loss in ("forward_kl", "mixed") for stage in config.training)
+
+
+def needs_baseline(config: Config, target: Target) -> bool:
+    """Whether `train` runs the baseline: when a stage trains on its data, and always for an
+    analytic system (its MALA is cheap and a comparison). A molecule trained without data (``fab``,
+    ``annealing``, ``reverse_kl`` stages only) runs no MD."""
+    return target.molecule is None or trains_on_data(config)
+
+
+def write_diagnostics(run: RunDir, config: Config, target: Target, rows: list[dict[str, float]]) -> None:
+    """The data-free stages' diagnostics (FAB's AIS and buffer, the annealing temperature): a CSV
+    with a column per quantity (empty where a stage has none) and their plot. Nothing without them."""
+    if not rows:
+        return
+    keys = ["step", "stage"] + sorted({key for row in rows for key in row} - {"step", "stage"})
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=keys, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(run.diagnostics, buffer.getvalue())
+    fab = [stage.fab_settings.ais.target_accept for stage in config.training if stage.loss == "fab"]
+    plots.stage_diagnostics(rows, run.plot("diagnostics"), exact_log_z=target.exact_log_z(),
+                            target_accept=fab[0] if fab else None)
 
 
 def baseline_summary(target: Target, data: TrainingData) -> BaselineSummary:
@@ -90,13 +192,15 @@ def baseline_summary(target: Target, data: TrainingData) -> BaselineSummary:
     )
 
 
-def make_plots(run: RunDir, target: Target, data: TrainingData, samples: SampleSet,
+def make_plots(run: RunDir, target: Target, data: TrainingData | None, samples: SampleSet,
                umbrella: UmbrellaSummary | None = None) -> None:
-    """Training curves, energy histograms, and the density (analytic) or Ramachandran plot and phi profiles."""
+    """Training curves, energy histograms, and the density (analytic) or Ramachandran plot and phi
+    profiles; the baseline's panels and curves only when it ran (``data``)."""
     run.plots.mkdir(parents=True, exist_ok=True)
     if run.metrics.exists():
         plots.training_curves(run.metrics, run.plot("training"))
-    plots.energy_histograms(data.u, samples.u, samples.log_w, run.plot("energy_histogram"), data_label=data.source)
+    plots.energy_histograms(None if data is None else data.u, samples.u, samples.log_w, run.plot("energy_histogram"),
+                            data_label="" if data is None else data.source)
     energy = target.energy
     if isinstance(energy, AnalyticEnergy):
         edges = [np.linspace(lo, hi, DENSITY_BINS + 1) for lo, hi in zip(energy.box.lower, energy.box.upper)]
@@ -104,17 +208,17 @@ def make_plots(run: RunDir, target: Target, data: TrainingData, samples: SampleS
         plots.density_2d(samples.x_head, samples.log_w[: len(samples.x_head)], (edges[0], edges[1], p),
                          run.plot("density"))
         return
-    data_cvs = target.cvs(data.x)
-    plots.ramachandran(
-        [(data.source + (" + state-seeded" if data.seeded else ""), data_cvs["phi"], data_cvs["psi"], None),
-         ("flow", samples.cvs["phi"], samples.cvs["psi"], None),
-         ("flow, reweighted", samples.cvs["phi"], samples.cvs["psi"], samples.log_w)],
-        run.plot("ramachandran"),
-    )
-    plain = data.plain()
-    label = data.source + (" reweighted to target" if data.log_w is not None else "")
-    profiles = [(label, *phi_profile(data_cvs["phi"][: len(plain.x)], plain.log_w)),
-                ("flow, reweighted", *phi_profile(samples.cvs["phi"], samples.log_w))]
+    panels = [("flow", samples.cvs["phi"], samples.cvs["psi"], None),
+              ("flow, reweighted", samples.cvs["phi"], samples.cvs["psi"], samples.log_w)]
+    profiles = [("flow, reweighted", *phi_profile(samples.cvs["phi"], samples.log_w))]
+    if data is not None:
+        data_cvs = target.cvs(data.x)
+        panels.insert(0, (data.source + (" + state-seeded" if data.seeded else ""), data_cvs["phi"], data_cvs["psi"],
+                          None))
+        plain = data.plain()
+        label = data.source + (" reweighted to target" if data.log_w is not None else "")
+        profiles.insert(0, (label, *phi_profile(data_cvs["phi"][: len(plain.x)], plain.log_w)))
+    plots.ramachandran(panels, run.plot("ramachandran"))
     if umbrella is not None:
         prof = umbrella.profile
         profiles.append(("umbrella sampling (flattening bias)", np.asarray(prof.centers_rad), np.asarray(prof.f_kT),

@@ -33,7 +33,7 @@ from openmm import unit
 from tqdm.auto import tqdm
 
 from boltzgen.errors import DataFileError
-from boltzgen.files import atomic_path
+from boltzgen.files import atomic_path, ensure_free_space
 from boltzgen.geometry import dihedrals_rad
 from boltzgen.trajectory import SampleWriter, read_attributes, read_samples
 from boltzgen.units import kT_kJ_per_mol, reduced_energy
@@ -190,6 +190,7 @@ def _save_checkpoint(
 ) -> None:
     positions = np.asarray(buf.positions, dtype=np.float32).reshape(len(buf.positions), -1, 3)
     with atomic_path(path) as tmp:
+        ensure_free_space(path, 2 * positions.nbytes + 16 * len(buf.potential))
         with h5py.File(tmp, "w") as f:
             f.attrs["format"] = _H5_FORMAT + "/checkpoint"
             f.attrs["fingerprint"] = fingerprint

@@ -74,3 +74,60 @@ def test_energy_constants_stay_out_of_checkpoints():
     assert state and not any(key.startswith("energy.") for key in state)
     state["energy.old_constant"] = torch.zeros(3, 1)  # as a checkpoint from before might carry
     model.load_state_dict(state)  # strict: neither missing nor unexpected keys
+
+
+# --- the benchmarks of training without data ------------------------------------------------------------
+
+from boltzgen.energies.analytic import GaussianMixture, ManyWell  # noqa: E402
+
+
+def test_many_well_is_sixteen_double_wells_with_the_published_log_z():
+    energy = ManyWell(32)
+    x = torch.randn(64, 32, dtype=torch.float64) * 1.5
+    pairs = [energy.marginal_energy(x[:, 2 * k: 2 * k + 2]) for k in range(16)]
+    torch.testing.assert_close(energy(x), torch.stack(pairs).sum(0))
+    x1, x2 = x[:, 0], x[:, 1]
+    torch.testing.assert_close(pairs[0], x1**4 - 6 * x1**2 - 0.5 * x1 + 0.5 * x2**2)
+    assert energy.log_z == pytest.approx(164.696, abs=5e-4)  # published: 164.696
+    # 16 times the 2-D quadrature of one pair (an independent route)
+    assert energy.log_z == pytest.approx(16 * DoubleWell(1.0, 6.0, -0.5).log_z, abs=1e-9)
+    with pytest.raises(ValueError):
+        ManyWell(5)
+
+
+def test_gaussian_mixture_is_normalized_and_its_modes_hold_equal_mass():
+    energy = GaussianMixture()
+    assert energy.n_modes == 40 and energy.scale == pytest.approx(math.log1p(math.e))
+    means = energy.means.numpy()
+    assert means.min() >= -40 and means.max() <= 40
+    assert np.array_equal(means, GaussianMixture().means.numpy())  # a fixed seed
+    assert energy.log_z == 0.0
+    assert energy.quadrature_log_z(points_per_dim=801) == pytest.approx(0.0, abs=1e-9)  # quadrature agrees
+    # At a mean, the mixture density is at least that component's peak / 40.
+    u = energy(energy.means)
+    assert torch.all(u <= math.log(40 * 2 * math.pi * energy.scale**2) + 1e-9)
+    r = energy.responsibilities(energy.means)
+    torch.testing.assert_close(r.sum(1), torch.ones(40, dtype=torch.float64))
+    assert torch.all(r.argmax(1) == torch.arange(40))
+
+
+@pytest.mark.parametrize("energy", [ManyWell(4), GaussianMixture(n_modes=5, loc_scale=3.0)], ids=["many_well", "gmm"])
+def test_benchmark_forces_are_minus_gradients(energy):
+    x = torch.randn(8, energy.dim, dtype=torch.float64)
+    force, h = energy.force(x), 1e-6
+    for d in range(energy.dim):
+        step = torch.zeros(energy.dim, dtype=torch.float64)
+        step[d] = h
+        torch.testing.assert_close(force[:, d], -(energy(x + step) - energy(x - step)) / (2 * h), rtol=1e-5, atol=1e-5)
+
+
+def test_exact_log_z_of_the_toys_by_quadrature_converges():
+    for energy in (DoubleWell(), MuellerBrown()):
+        wider = type(energy)()
+        lo, hi = np.array(energy.box.lower), np.array(energy.box.upper)
+        wider.box = type(energy.box)(lower=tuple(lo - 1.0), upper=tuple(hi + 1.0))
+        assert energy.log_z == pytest.approx(wider.log_z, abs=1e-6)
+    # the double well factorizes: its x1 part is the Gaussian's sqrt(2 pi)
+    x = np.linspace(-6, 6, 600_001)
+    quartic = np.log(np.trapezoid(np.exp(-(x**4 - 6 * x**2 + x)), x))
+    assert DoubleWell().log_z == pytest.approx(quartic + 0.5 * math.log(2 * math.pi), abs=1e-8)

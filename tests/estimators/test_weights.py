@@ -144,3 +144,32 @@ def test_truncation_caps_at_mean_times_sqrt_n() -> None:
     out = weights.truncated_log_weights(log_w)
     assert out[-1] == pytest.approx(cap)
     np.testing.assert_array_equal(out[:99], 0.0)
+
+
+# ----------------------------------------------------------------------------- log Z
+
+
+def test_log_z_of_a_gaussian_and_its_error_bar_is_calibrated() -> None:
+    """q = N(0, 1), p ∝ exp(-(x - 0.5)^2 / (2 * 0.8^2)): log Z = log(sqrt(2 pi) 0.8); over 200
+    repeats the estimate is unbiased to its error and the delta-method stderr matches the spread."""
+    mu, s, n = 0.5, 0.8, 4000
+    exact = math.log(math.sqrt(2 * math.pi) * s)
+    rng = np.random.default_rng(3)
+    values, stderrs = [], []
+    for _ in range(200):
+        x = rng.normal(size=n)
+        est = weights.log_z_importance_sampling(-(x - mu) ** 2 / (2 * s**2) - stats.norm.logpdf(x))
+        values.append(est.value)
+        stderrs.append(est.stderr)
+    assert est.n_samples == n and est.n_nonfinite == 0
+    spread = float(np.std(values))
+    assert float(np.mean(stderrs)) == pytest.approx(spread, rel=0.15)
+    assert abs(float(np.mean(values)) - exact) < 4 * spread / math.sqrt(200)
+
+
+def test_log_z_counts_weight_zero_samples_in_n() -> None:
+    est = weights.log_z_importance_sampling(np.array([0.0, 0.0, -np.inf, np.nan]))
+    assert est.value == pytest.approx(math.log(0.5)) and est.n_nonfinite == 2 and est.n_samples == 4
+    assert est.stderr == pytest.approx(math.sqrt(1 / 2 - 1 / 4))
+    empty = weights.log_z_importance_sampling(np.array([-np.inf, np.nan]))
+    assert empty.value == -math.inf and math.isnan(empty.stderr)

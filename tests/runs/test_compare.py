@@ -112,3 +112,31 @@ def test_compare_rejects_a_summary_of_the_wrong_shape(run_dir, tmp_path, capsys)
     assert cli.main(["compare", str(run)]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "umbrella/summary.json" in err and "profile" in err
+
+
+def test_fes_rmse_leaves_out_bins_that_rest_on_a_few_heavy_weights():
+    """Exact FES of the double well as the reference; a weighted sample that matches it except for
+    one bin held by a single sample of huge weight. The naive RMSE is dominated by that bin; the
+    scores leave it out, count it as sparse, and measure the rest exactly."""
+    import numpy as np
+
+    from boltzgen.energies.analytic import DoubleWell
+    from boltzgen.estimators.histograms import free_energy_surface
+    from boltzgen.runs.compare import _Grid
+
+    energy = DoubleWell()
+    grid = _Grid(["x0", "x1"], list(zip(energy.box.lower, energy.box.upper)), 60)
+    p1 = energy.bin_probabilities(grid.edges_1d, grid.edges_2d[1]).sum(axis=1)
+    f_exact = -np.log(p1 / np.diff(grid.edges_1d))
+    grid.set_reference("exact", f_exact - f_exact[np.isfinite(f_exact)].min(), p1, None)
+    rng = np.random.default_rng(0)
+    x0 = np.repeat(grid.centers_1d, np.round(p1 * 200_000).astype(int))  # many exact samples per bin
+    log_w = np.zeros(x0.size)
+    outlier_bin = int(np.argmin(np.abs(np.log(p1 / 3e-4))))  # a thinly populated bin of the reference
+    x0 = np.r_[x0[np.abs(x0 - grid.centers_1d[outlier_bin]) > 1e-9], grid.centers_1d[outlier_bin]]
+    log_w = np.r_[log_w[: x0.size - 1], 8.0]  # its only sample carries e^8 times the usual weight
+    fes = free_energy_surface(x0 + rng.uniform(-1e-6, 1e-6, x0.size), log_w=log_w, bins=grid.edges_1d, n_bootstrap=0)
+    naive = grid.scores(np.asarray(fes.f_kT), None)
+    scored = grid.scores(np.asarray(fes.f_kT), None, np.asarray(fes.n_eff))
+    assert naive["fes_rmse_kT"] > 0.5  # the one heavy sample wrecks the plain comparison
+    assert scored["fes_bins_sparse"] >= 1 and scored["fes_rmse_kT"] < 0.05

@@ -1,0 +1,107 @@
+"""Temperature-annealed training (TA-BG; Schopmans & Friederich, 2025): reverse KL where the target
+is easy, at a high temperature, then down a ladder of temperatures by reweighting.
+
+At a high temperature T_0 the target exp(-u/T_0) is smooth and its basins are connected, so reverse
+KL covers it without collapsing onto one mode. Each step down, T_(i-1) -> T_i, draws N samples from
+the flow (which approximates exp(-u/T_(i-1))), gives them the importance weights
+``w = exp(-u/T_i) / q`` toward the next temperature, and fits the flow to them by maximum
+likelihood: every minibatch is drawn from the N samples with probability ∝ w (with replacement),
+so its mean negative log-likelihood estimates the forward KL to exp(-u/T_i) up to a constant. The
+ladder must be fine enough for the weights to stay usable (``anneal_ess`` in the diagnostics: the
+Kish ESS / N of the reweighted set). The last temperature is the target's (1).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from boltzgen.config import TrainingStage
+from boltzgen.estimators.weights import kish_ess
+from boltzgen.generator import BoltzmannGenerator
+from boltzgen.stages.base import ReverseKL, StageRunner, StageStep
+
+_F64 = torch.float64
+#: Flow samples per forward pass when drawing the set to reweight.
+DRAW_BATCH = 65536
+
+
+class AnnealingRunner(StageRunner):
+    """An ``annealing`` stage. Its steps: the first ``hot_fraction`` reverse KL at ``temperatures[0]``
+    (with the stage's ``u_max``); the rest in equal parts at each lower temperature, fitting the
+    reweighted flow samples (see the module docstring). Non-finite energies in a drawn set are weight
+    0 and counted in that step's ``n_nonfinite``."""
+
+    def __init__(self, generator: BoltzmannGenerator, stage: TrainingStage, reverse_kl: ReverseKL) -> None:
+        assert stage.annealing is not None
+        cfg = stage.annealing
+        self.generator = generator
+        self.reverse_kl = reverse_kl
+        self.batch, self.u_max = stage.batch, stage.u_max
+        self.temperatures = list(cfg.temperatures)
+        self.samples, self.resample_every = cfg.samples, cfg.resample_every
+        n_hot = int(round(cfg.hot_fraction * stage.steps))
+        rest, k = stage.steps - n_hot, len(self.temperatures) - 1
+        #: First step of each temperature (the hot reverse-KL phase is segment 0, empty when n_hot is 0).
+        self.starts = [0] + [n_hot + (i * rest) // k for i in range(k)]
+        self.t = 0
+        self.x: Tensor | None = None
+        self.log_w: Tensor | None = None
+        self.set_ess = math.nan
+
+    def _segment(self) -> int:
+        return max(i for i, start in enumerate(self.starts) if start <= self.t)
+
+    def _draw(self, temperature: float) -> tuple[int, float]:
+        """Draw and reweight the set at ``temperature``; returns (non-finite count, flow ESS toward p)."""
+        parts = [self.generator.sample(min(DRAW_BATCH, self.samples - i), batch_size=DRAW_BATCH)
+                 for i in range(0, self.samples, DRAW_BATCH)]
+        x = torch.cat([s.x for s in parts])
+        u = torch.cat([s.u for s in parts])
+        log_q = torch.cat([s.log_q for s in parts])
+        log_w = -u / temperature - log_q
+        finite = torch.isfinite(log_w)
+        if not bool(finite.any()):
+            raise FloatingPointError(f"every flow sample drawn to reweight to T = {temperature:g} had a non-finite "
+                                     "energy or density")
+        self.x = x.detach()
+        self.log_w = torch.where(finite, log_w, torch.full_like(log_w, -math.inf))
+        self.set_ess = kish_ess(self.log_w.cpu().numpy())
+        n_nonfinite = int((~finite).sum())
+        return n_nonfinite, kish_ess(torch.cat([s.log_w for s in parts]).cpu().numpy())
+
+    def step(self) -> StageStep:
+        segment = self._segment()
+        temperature = self.temperatures[segment]
+        if segment == 0:
+            loss, log_w, n_nonfinite = self.reverse_kl(self.generator, self.batch, self.u_max, temperature)
+            self.t += 1
+            return StageStep(loss, kish_ess(log_w.cpu().numpy()), n_nonfinite, reverse_kl=float(loss.detach()),
+                             diagnostics={"temperature": temperature})
+        since = self.t - self.starts[segment]
+        n_nonfinite, ess = 0, math.nan
+        if since == 0 or self.x is None or (self.resample_every is not None and since % self.resample_every == 0):
+            n_nonfinite, ess = self._draw(temperature)
+        assert self.x is not None and self.log_w is not None
+        index = torch.multinomial(torch.softmax(self.log_w, dim=0), self.batch, replacement=True)
+        log_q = self.generator.log_prob(self.x[index])
+        finite = torch.isfinite(log_q)
+        n_nonfinite += int((~finite).sum())
+        if not bool(finite.any()):
+            raise FloatingPointError(f"the flow's log density was not finite on any resampled sample at T = {temperature:g}")
+        self.t += 1
+        return StageStep(-log_q[finite].mean(), ess, n_nonfinite,
+                         diagnostics={"temperature": temperature, "anneal_ess": self.set_ess})
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"t": self.t, "x": self.x, "log_w": self.log_w, "set_ess": self.set_ess}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        device = next(iter(self.generator.prior.buffers())).device
+        self.t = int(state["t"])
+        self.x = None if state["x"] is None else state["x"].to(device)
+        self.log_w = None if state["log_w"] is None else state["log_w"].to(device)
+        self.set_ess = float(state["set_ess"])
