@@ -16,7 +16,8 @@ Training data are exact samples (inverse-CDF for the separable double well and m
 1200 x 1200 grid for Mueller-Brown), so the comparison is between flows, not baselines. Recipes:
 families with the density of external data train by the default recipe of systems/*.yaml (half
 the time forward KL, half mixed KL with forward 0.5 and reverse 1.0); planar, radial and Sylvester
-flows, which have none, by reverse KL, annealed from 4x and 2x the temperature to 1x.
+flows, which have none, by reverse KL, annealed from 4x and 2x the temperature to 1x (``--recipe
+reverse``: every family by that reverse-KL recipe, for the comparison of reverse-KL training).
 
 ``--alanine`` adds alanine dipeptide (amber14, vacuum): the coupling spline, MAF and IAF (spline
 transformers), each trained for ``--alanine-seconds`` by the recipe of systems/alanine.yaml on a
@@ -263,7 +264,7 @@ def evaluate(system: System, family: str, generator: BoltzmannGenerator, test: t
     return out
 
 
-def run_one(system: System, family: str, seconds: float, seed: int) -> Row:
+def run_one(system: System, family: str, seconds: float, seed: int, recipe: str = "auto") -> Row:
     settings = {"blocks": 6, "hidden": [64, 64], "bins": 10, "tail_bound": system.tail_bound, **FAMILIES[family]}
     config = FlowConfig(**settings)
     torch.manual_seed(seed)
@@ -273,7 +274,7 @@ def run_one(system: System, family: str, seconds: float, seed: int) -> Row:
     generator.flow.to(torch.float32)
     data = torch.as_tensor(system.data, dtype=torch.float32)
     train, test = data[:N_TRAIN], data[N_TRAIN:]
-    reverse_only = not flow.capabilities.data_density
+    reverse_only = recipe == "reverse" or not flow.capabilities.data_density
     steps, spent = train_for(generator, train, REVERSE_RECIPE if reverse_only else DEFAULT_RECIPE, seconds, seed)
     measured = evaluate(system, family, generator, test)
     return Row(system=system.name, family=family, recipe="annealed reverse KL" if reverse_only else "forward, mixed",
@@ -365,6 +366,9 @@ def main() -> None:
     parser.add_argument("--systems", default="double_well,mueller_brown,many_well")
     parser.add_argument("--families", default=",".join(FAMILIES))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--recipe", choices=("auto", "reverse"), default="auto",
+                        help="auto: forward then mixed KL where the family has the density of data, else annealed "
+                             "reverse KL; reverse: annealed reverse KL for every family")
     parser.add_argument("--samples", type=int, default=500_000, help="flow samples for ESS and ΔF")
     parser.add_argument("--alanine", action="store_true", help="also alanine dipeptide (MD first, ~1 min)")
     parser.add_argument("--alanine-seconds", type=float, default=60.0)
@@ -381,7 +385,7 @@ def main() -> None:
         system = make_system(name, rng)
         print(f"# {name}: exact ΔF {system.exact_delta_f:.4f} kT", flush=True)
         for family in args.families.split(","):
-            rows.append(run_one(system, family, args.seconds, args.seed))
+            rows.append(run_one(system, family, args.seconds, args.seed, args.recipe))
             print(markdown(rows[-1:]).splitlines()[-1], flush=True)
     result: dict[str, Any] = {"seconds_per_family": args.seconds, "samples": N_SAMPLES, "threads": 1,
                               "torch": torch.__version__, "rows": [asdict(r) for r in rows]}

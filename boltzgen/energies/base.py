@@ -76,14 +76,17 @@ class RestrictedEnergy(Energy):
     restricted to a region, e.g. L-chirality, that a sampler must not leave.
 
     ``allowed`` maps ``x`` ``[batch, dim]`` to a bool ``[batch]``. Evaluations are counted here
-    and by ``energy``.
+    and by ``energy``. A finite ``penalty`` (kT) is added outside instead: weight exp(-penalty),
+    0 in float64 for a penalty of thousands, while the states stay visible to a loss that would
+    otherwise leave them out (reverse KL would then move mass into the excluded region unopposed).
     """
 
-    def __init__(self, energy: Energy, allowed: Callable[[Tensor], Tensor]) -> None:
+    def __init__(self, energy: Energy, allowed: Callable[[Tensor], Tensor], penalty: float = float("inf")) -> None:
         super().__init__(energy.dim)
         self.energy = energy
         self.allowed = allowed
+        self.penalty = penalty
 
     def reduced_energy(self, x: Tensor) -> Tensor:
         u = self.energy(x)
-        return torch.where(self.allowed(x.detach()), u, torch.full_like(u, torch.inf))
+        return torch.where(self.allowed(x.detach()), u, u + self.penalty)

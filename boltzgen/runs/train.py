@@ -35,6 +35,8 @@ from boltzgen.runs.target import (
 )
 from boltzgen.training import Trainer, check_recipe, load_model_state, read_checkpoint
 
+#: Energy added to the mirror image (D) of a molecule trained without data, when it rejects wrong chirality (kT).
+CHIRALITY_PENALTY_KT = 1e4
 #: Bins per dimension of the density plot of a 2-D analytic system.
 DENSITY_BINS = 120
 
@@ -124,10 +126,11 @@ def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: T
         atomic_write_text(run.config, dump_config(resolved))
 
     if target.molecule is not None and config.coordinates.reject_wrong_chirality and not used:
-        # Without data nothing else keeps the flow from the mirror image (same energy): train on the
-        # L form only, so D samples have weight 0 (counted with the non-finite energies).
+        # Without data nothing else keeps the flow from the mirror image (same energy): D states get
+        # CHIRALITY_PENALTY_KT more, weight 0 in FAB and annealing, while reverse KL still sees them.
         quads = find_alpha_carbon_chirality(target.topology)
-        generator.energy = RestrictedEnergy(target.energy, partial(is_l_chirality, topology=quads))
+        generator.energy = RestrictedEnergy(target.energy, partial(is_l_chirality, topology=quads),
+                                            penalty=CHIRALITY_PENALTY_KT)
     try:
         trainer.run(resume=resuming, on_start=commit)
     finally:
