@@ -18,6 +18,7 @@ from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, 
 
 from boltzgen.errors import ConfigError
 from boltzgen.files import unreadable_reason
+from boltzgen.stage_config import AISConfig, AnnealingConfig, FABConfig, ReplayConfig  # noqa: F401 (re-exported)
 from boltzgen.states import check_state_cvs, resolve_states
 
 
@@ -300,68 +301,6 @@ class UmbrellaConfig(_Strict):
 
 
 # --- training and sampling --------------------------------------------------------------------
-
-class AISConfig(_Strict):
-    """Annealed importance sampling of a ``fab`` stage: from the flow q to p^2/q through
-    ``intermediate`` geometric intermediates q^(1-b) (p^2/q)^b (b evenly spaced in (0, 1)), each with
-    ``hmc_steps`` HMC transitions of ``leapfrog`` steps in the flow's latent space. The step sizes
-    (one per intermediate, latent units) start at ``step_size`` and, with ``adapt_step_size``,
-    follow the acceptance toward ``target_accept`` after every AIS batch."""
-
-    intermediate: int = Field(default=2, ge=0, le=1000)
-    hmc_steps: int = Field(default=1, ge=1, le=100)
-    leapfrog: int = Field(default=5, ge=1, le=1000)
-    step_size: PositiveFloat = 0.1
-    adapt_step_size: bool = True
-    target_accept: float = Field(default=0.65, gt=0.0, lt=1.0)
-
-
-class ReplayConfig(_Strict):
-    """The prioritized replay buffer of a ``fab`` stage: the last ``size`` AIS samples with their
-    log-weights; each AIS batch of ``batch`` samples is followed by ``updates`` gradient steps on
-    ``updates`` minibatches drawn at once, without replacement, with probability proportional to the
-    weights (the first AIS batches fill it to ``min_size``, at least ``updates x batch``). A reused
-    sample's weight is corrected by q_old/q (at most ``max_weight_adjust``)."""
-
-    size: int = Field(default=262144, ge=2, le=MAX_SAMPLES)
-    min_size: int = Field(default=65536, ge=1, le=MAX_SAMPLES)
-    updates: int = Field(default=4, ge=1, le=1000)
-    max_weight_adjust: PositiveFloat = 10.0
-
-    @model_validator(mode="after")
-    def _min_below_size(self) -> "ReplayConfig":
-        if self.min_size > self.size:
-            raise ValueError(f"min_size ({self.min_size}) must not exceed size ({self.size})")
-        return self
-
-
-class FABConfig(_Strict):
-    """The settings of a ``fab`` stage: its AIS and its replay buffer (``replay: null``: no buffer, each
-    step trains on a fresh AIS batch)."""
-
-    ais: AISConfig = AISConfig()
-    replay: ReplayConfig | None = ReplayConfig()
-
-
-class AnnealingConfig(_Strict):
-    """Temperature annealing of an ``annealing`` stage (TA-BG): ``temperatures`` are factors of the
-    target temperature, decreasing to 1. The first ``hot_fraction`` of the steps trains by reverse KL
-    at the first; the rest are shared by the others: at each, ``samples`` flow samples are drawn,
-    reweighted to it and fitted by maximum likelihood (minibatches resampled by weight), drawn afresh
-    every ``resample_every`` steps if set."""
-
-    temperatures: list[PositiveFloat] = Field(min_length=2, max_length=1000)
-    hot_fraction: float = Field(default=0.5, ge=0.0, lt=1.0)
-    samples: int = Field(default=20000, ge=2, le=MAX_SAMPLES)
-    resample_every: int | None = Field(default=None, ge=1, le=MAX_STEPS)
-
-    @model_validator(mode="after")
-    def _decreasing_to_one(self) -> "AnnealingConfig":
-        t = self.temperatures
-        if any(a <= b for a, b in zip(t, t[1:])) or t[-1] != 1.0:
-            raise ValueError(f"temperatures must decrease strictly and end at 1.0, got {t}")
-        return self
-
 
 class TrainingStage(_Strict):
     """One stage of training.
