@@ -29,6 +29,7 @@ circular dims.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -103,17 +104,24 @@ def exact_log_det(g_out: Tensor, point: Tensor, create_graph: bool) -> Tensor:
     return torch.linalg.slogdet(torch.eye(dim, dtype=point.dtype, device=point.device) + jacobian).logabsdet
 
 
-def power_series_log_det(g_out: Tensor, point: Tensor, n_terms: int, n_samples: int, create_graph: bool) -> Tensor:
-    """i-ResNet's estimate ``sum_{k<=n_terms} (-1)^(k+1) v^T J^k v / k`` ``[batch]``, averaged over
-    ``n_samples`` Rademacher vectors ``v``: the truncated series, estimated without bias."""
+def _hutchinson_series(g_out: Tensor, point: Tensor, n_terms: int, n_samples: int, create_graph: bool,
+                       term_weight: Callable[[int], float]) -> Tensor:
+    """``sum_{k<=n_terms} term_weight(k) (-1)^(k+1) v^T J^k v / k`` ``[batch]``, averaged over
+    ``n_samples`` Rademacher vectors ``v``."""
     total = g_out.new_zeros(g_out.shape[0])
     for _ in range(n_samples):
         v = torch.randint(0, 2, g_out.shape, device=g_out.device).to(g_out.dtype) * 2 - 1
         w = v
         for k in range(1, n_terms + 1):
             w = _vjp(g_out, point, w, create_graph)
-            total = total + (-1) ** (k + 1) / k * (w * v).sum(-1)
+            total = total + term_weight(k) * (-1) ** (k + 1) / k * (w * v).sum(-1)
     return total / n_samples
+
+
+def power_series_log_det(g_out: Tensor, point: Tensor, n_terms: int, n_samples: int, create_graph: bool) -> Tensor:
+    """i-ResNet's estimate ``sum_{k<=n_terms} (-1)^(k+1) v^T J^k v / k`` ``[batch]``, averaged over
+    ``n_samples`` Rademacher vectors ``v``: the truncated series, estimated without bias."""
+    return _hutchinson_series(g_out, point, n_terms, n_samples, create_graph, lambda k: 1.0)
 
 
 def roulette_log_det(g_out: Tensor, point: Tensor, exact_terms: int, p: float, n_samples: int,
@@ -124,15 +132,8 @@ def roulette_log_det(g_out: Tensor, point: Tensor, exact_terms: int, p: float, n
     included; Hutchinson traces averaged over ``n_samples`` Rademacher vectors per sample."""
     uniform = max(float(torch.rand((), dtype=torch.float64)), 1e-300)
     n_terms = exact_terms + min(int(math.floor(math.log(uniform) / math.log1p(-p))), MAX_ROULETTE_TERMS)
-    total = g_out.new_zeros(g_out.shape[0])
-    for _ in range(n_samples):
-        v = torch.randint(0, 2, g_out.shape, device=g_out.device).to(g_out.dtype) * 2 - 1
-        w = v
-        for k in range(1, n_terms + 1):
-            w = _vjp(g_out, point, w, create_graph)
-            inverse_chance = (1 - p) ** -max(0, k - exact_terms)
-            total = total + inverse_chance * (-1) ** (k + 1) / k * (w * v).sum(-1)
-    return total / n_samples
+    return _hutchinson_series(g_out, point, n_terms, n_samples, create_graph,
+                              lambda k: (1 - p) ** -max(0, k - exact_terms))
 
 
 class ResidualBlock(Bijection):
