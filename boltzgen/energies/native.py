@@ -5,9 +5,8 @@ memory traffic, not arithmetic. ``ffkernel.c`` evaluates bonds, angles, torsions
 pairs and OBC of a block of configurations in one pass, in float64, with the same formulas as
 :mod:`boltzgen.energies.eager` (which stays the reference and the CUDA path).
 
-The source is compiled with the system C compiler (``$CC``, else ``cc``) into a shared library cached
-under ``$BOLTZGEN_CACHE_DIR`` (default ``~/.cache/boltzgen``), keyed by the source, the flags and the
-CPU, and called through ctypes. Without a compiler, or with ``BOLTZGEN_NATIVE=0``, :func:`load_kernel`
+The source is compiled by :mod:`boltzgen.native_build` (the system C compiler, a per-user cache keyed
+by the source, the flags and the CPU) and called through ctypes. Without a compiler, or with ``BOLTZGEN_NATIVE=0``, :func:`load_kernel`
 returns ``None`` and the force field runs in eager torch; the reason is in :func:`unavailable_reason`,
 and a failed build also warns once (eager torch is 15-25x slower).
 
@@ -19,12 +18,7 @@ ffkernel.c; ctypes releases the GIL for the call).
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
 import subprocess
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -32,11 +26,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from boltzgen import native_build
+
 SOURCE = Path(__file__).with_name("ffkernel.c")
-# -fno-math-errno and -fno-trapping-math let sqrt and the clamps vectorize and change no result;
-# no -ffast-math, which would. -z defs makes a missing symbol (libmvec's atan2) a build error.
-_BASE_FLAGS = ["-O3", "-fPIC", "-shared", "-pthread", "-fno-math-errno", "-fno-trapping-math", "-fopenmp-simd",
-               "-Wl,-z,defs"]
 # Tried in order, the first that builds wins: this CPU's vector units with glibc's vector atan2,
 # without it, and a portable build.
 _VARIANTS = [
@@ -71,67 +63,13 @@ _library: ctypes.CDLL | None = None
 _reason: str | None = None
 
 
-def _cache_dir() -> Path:
-    env = os.environ.get("BOLTZGEN_CACHE_DIR")
-    if env:
-        return Path(env)
-    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
-    return Path(base) / "boltzgen"
-
-
-def _cpu_id() -> str:
-    """What -march=native depends on: the CPU model and feature flags (Linux), else the machine name."""
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-        keep = [ln for ln in lines if ln.startswith(("model name", "flags"))][:2]
-        if keep:
-            return "\n".join(keep)
-    except OSError:
-        pass
-    return f"{platform.machine()} {platform.processor()}"
-
-
-def _compile(compiler: str, flags: list[str], libs: list[str], target: Path) -> str | None:
-    """Compile SOURCE into ``target`` atomically; returns None, or the compiler's complaint."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        proc = subprocess.run([compiler, *flags, "-o", str(out), str(SOURCE), *libs],
-                              capture_output=True, text=True, timeout=120)
-        if proc.returncode != 0:
-            lines = proc.stderr.strip().splitlines()
-            first_error = next((ln for ln in lines if "error" in ln), lines[0] if lines else "")
-            return first_error or f"exit status {proc.returncode}"
-        os.replace(out, target)
-    return None
-
-
 def _build() -> ctypes.CDLL:
-    compiler = os.environ.get("CC") or "cc"
-    if shutil.which(compiler) is None:
-        raise RuntimeError(f"no C compiler ({compiler!r} not found; set CC)")
-    source = SOURCE.read_bytes()
-    errors = []
-    for extra, libs in _VARIANTS:
-        flags = _BASE_FLAGS + extra
-        key = hashlib.sha256(b"\0".join([source, " ".join([compiler, *flags, *libs]).encode(), _cpu_id().encode()]))
-        target = _cache_dir() / f"ffkernel-{key.hexdigest()[:16]}.so"
-        if not target.exists():
-            error = _compile(compiler, flags, libs, target)
-            if error is not None:
-                errors.append(error)
-                continue
-        try:
-            library = ctypes.CDLL(str(target))
-        except OSError as error:  # e.g. a library the build linked is missing at run time
-            errors.append(str(error))
-            continue
-        # Arrays are passed as addresses (ints from Tensor.data_ptr()): cheaper than casting pointers.
-        library.ff_energy_grad_threads.argtypes = [ctypes.POINTER(FFParams), ctypes.c_int64, ctypes.c_double,
-                                                   ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
-        library.ff_energy_grad_threads.restype = ctypes.c_int
-        return library
-    raise RuntimeError(f"building {SOURCE.name} failed: {errors[-1]}")
+    library = native_build.build(SOURCE, _VARIANTS)
+    # Arrays are passed as addresses (ints from Tensor.data_ptr()): cheaper than casting pointers.
+    library.ff_energy_grad_threads.argtypes = [ctypes.POINTER(FFParams), ctypes.c_int64, ctypes.c_double,
+                                               ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
+    library.ff_energy_grad_threads.restype = ctypes.c_int
+    return library
 
 
 def load_kernel() -> ctypes.CDLL | None:
@@ -139,7 +77,7 @@ def load_kernel() -> ctypes.CDLL | None:
     global _library, _reason
     if _library is not None or _reason is not None:
         return _library
-    if os.environ.get("BOLTZGEN_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+    if native_build.disabled():
         _reason = "disabled by BOLTZGEN_NATIVE"
         return None
     try:

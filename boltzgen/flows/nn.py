@@ -8,21 +8,44 @@ import torch
 from torch import Tensor, nn
 
 
-def circular_embedding(x: Tensor, circular_mask: Tensor) -> Tensor:
-    """Features of ``x`` that are continuous on the circle.
+class CircularFeatures(nn.Module):
+    """Features of chosen dims of a state that are continuous on the circle.
 
-    ``x``: ``[batch, d]``; ``circular_mask``: bool ``[d]`` (True = angle in radians).
-    Returns ``[batch, d + n_circular]``: the raw non-circular values, then ``cos`` of the circular
-    ones, then their ``sin`` (in the order they appear in ``x``). A conditioner fed these features
-    sees -pi and pi as the same point, so the flow stays continuous across the wrap.
+    Takes ``v`` ``[batch, dim]`` and returns ``[batch, n_linear + 2 n_circular]``: the values of the
+    ``linear`` dims, then ``cos`` and then ``sin`` of the ``circular`` dims (each block in the order
+    given). A conditioner fed these features sees -pi and pi as the same point, so the flow stays
+    continuous across the wrap. The indices are fixed buffers, so the forward pass has no
+    data-dependent shapes (it traces and compiles without graph breaks).
     """
+
+    def __init__(self, linear: Tensor, circular: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("linear", torch.as_tensor(linear, dtype=torch.long).flatten(), persistent=False)
+        self.register_buffer("circular", torch.as_tensor(circular, dtype=torch.long).flatten(), persistent=False)
+        self.out_dim = self.linear.numel() + 2 * self.circular.numel()
+
+    @classmethod
+    def of_mask(cls, circular_mask: Tensor, dims: Tensor | None = None) -> CircularFeatures:
+        """The features of ``dims`` (default: all dims of ``circular_mask`` ``[dim]`` bool), angles
+        being the dims flagged in ``circular_mask``; order as in :func:`circular_embedding`."""
+        circ = torch.as_tensor(circular_mask, dtype=torch.bool)
+        dims = torch.arange(circ.numel()) if dims is None else torch.as_tensor(dims, dtype=torch.long)
+        return cls(dims[~circ[dims]], dims[circ[dims]])
+
+    def forward(self, v: Tensor) -> Tensor:
+        if self.circular.numel() == 0:
+            return v.index_select(1, self.linear)
+        angles = v.index_select(1, self.circular)
+        return torch.cat([v.index_select(1, self.linear), torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+def circular_embedding(x: Tensor, circular_mask: Tensor) -> Tensor:
+    """:class:`CircularFeatures` of all dims of ``x`` ``[batch, d]``, ``circular_mask`` bool ``[d]``
+    (True = angle in radians): ``[batch, d + n_circular]``, the raw non-circular values, then ``cos``
+    of the circular ones, then their ``sin``."""
     if circular_mask.shape != x.shape[-1:]:
         raise ValueError(f"circular_mask has shape {list(circular_mask.shape)}, x has {x.shape[-1]} dims")
-    circ = circular_mask.to(device=x.device, dtype=torch.bool)
-    if not bool(circ.any()):
-        return x
-    angles = x[..., circ]
-    return torch.cat([x[..., ~circ], torch.cos(angles), torch.sin(angles)], dim=-1)
+    return CircularFeatures.of_mask(circular_mask.cpu()).to(x.device)(x)
 
 
 def embedding_dim(circular_mask: Tensor) -> int:
@@ -82,7 +105,7 @@ class MADE(nn.Module):
     ``out_dims[j]`` and depends only on the dims that come before it in ``order``. ``order``
     (``[dim]``, a permutation of ``0..dim-1``) gives each dim's rank: rank 0 is first, and its outputs
     are constants (biases). Circular dims (``circular``, bool ``[dim]``) enter as ``(cos, sin)``, as in
-    :func:`circular_embedding`, with their dim's rank. Hidden units cycle through degrees
+    :class:`CircularFeatures`, with their dim's rank. Hidden units cycle through degrees
     ``1..dim-1``, so every dependency is possible when each hidden width is at least ``dim - 1``.
     With ``zero_last`` the outputs start at exactly zero.
     """
@@ -113,7 +136,7 @@ class MADE(nn.Module):
             previous = degrees
         layers.append(MaskedLinear((out_degrees[:, None] > previous[None, :]).to(torch.float32), zero=zero_last))
         self.net = nn.Sequential(*layers)
-        self.register_buffer("circular", circ)
+        self.features = CircularFeatures.of_mask(circ)
 
     def forward(self, v: Tensor) -> Tensor:
-        return self.net(circular_embedding(v, self.circular))
+        return self.net(self.features(v))

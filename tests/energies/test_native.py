@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import copy
 import multiprocessing
+import os
 import pickle
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -226,7 +228,7 @@ def test_failing_compiler_reports_its_error(fresh_loader: Path, monkeypatch: pyt
 
 
 def test_builds_into_the_cache_and_reuses_it(fresh_loader: Path) -> None:
-    if native.shutil.which(native.os.environ.get("CC") or "cc") is None:
+    if shutil.which(os.environ.get("CC") or "cc") is None:
         pytest.skip("no C compiler here")
     library = native.load_kernel()
     assert library is not None, native.unavailable_reason()

@@ -1,0 +1,227 @@
+"""Training steps per second and samples per second for a config, against an earlier commit and a peer.
+
+Usage::
+
+    python benchmarks/training_throughput.py [--config systems/alanine.yaml] [--baseline REV]
+        [--rounds 3] [--seconds 8] [--no-peer] [--json FILE]
+
+Three variants are timed, taking turns round by round so that a noisy, shared machine slows them
+alike; the table gives each one's median and the ratio of the medians to this checkout:
+
+- ``current``: the package in this checkout;
+- ``baseline``: the package at ``--baseline`` (a git revision, extracted with ``git archive`` into
+  a temporary folder with that revision's ``systems/``, whose copy of the config it reads), timed by
+  the same worker code;
+- ``normflows``: the peer library (a benchmark-only dependency, ``pip install normflows``) with a
+  flow of the same size: as many coupling blocks, hidden widths and bins, built from its
+  ``CoupledRationalQuadraticSpline`` and ``CircularCoupledRationalQuadraticSpline`` layers, on the
+  same batches of internal coordinates. Its step leaves out the internal-coordinate transform and
+  the energy, which ours include, so the comparison favours the peer.
+
+Each variant runs in a fresh process (one torch thread, as ``cpu_threads: 1`` in the configs) and
+measures, for each training stage of the config at its own batch size, optimization steps per
+second through :class:`boltzgen.training.Trainer` (loss, backward, clipping, Adam: the whole step
+the ``train`` command takes), and samples per second with log q and the energy at the config's
+sampling batch. Training data are the energy-minimized structure with 0.003 nm of Gaussian noise
+(4,096 frames): the step's cost does not depend on what the data are.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# Worker: runs in a fresh process with the package of one variant on its path
+# --------------------------------------------------------------------------------------------------
+
+
+def _rate(step: Callable[[], None], per_call: int, seconds: float, warmup: int) -> float:
+    """Calls of ``step`` per second (times ``per_call``) over at least ``seconds``, after ``warmup`` calls."""
+    for _ in range(warmup):
+        step()
+    calls, start = 0, time.perf_counter()
+    while True:
+        step()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return calls * per_call / elapsed
+
+
+def _setup(config_path: str) -> tuple[Any, Any, Any]:
+    """The config, its target and training data ``[4096, 3N]`` float64 (see the module doc)."""
+    import torch
+
+    from boltzgen.config import load_config
+    from boltzgen.runs.target import build_target, reference_structure
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    config, _ = load_config(config_path)
+    target = build_target(config)
+    x_ref = reference_structure(target)
+    data = x_ref + 0.003 * torch.randn(4096, x_ref.shape[1], dtype=torch.float64)
+    return config, target, data
+
+
+def _worker_boltzgen(config_path: str, seconds: float) -> dict[str, float]:
+    import torch
+
+    from boltzgen.runs.target import build_generator, to_flow_dtype
+    from boltzgen.training import Trainer
+
+    config, target, data = _setup(config_path)
+    dtype = getattr(torch, config.dtype)
+    generator = build_generator(config, target, data)
+    to_flow_dtype(generator, torch.device("cpu"), dtype)
+    rates: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(generator, config.training, Path(folder) / "c.pt", Path(folder) / "m.csv",
+                          data=data.to(dtype), log_every=10**9, progress=False)
+        generator.train()
+        started = time.perf_counter()
+        for i, stage in enumerate(config.training):
+            def step(i: int = i) -> None:
+                trainer.step = trainer.stage_ends[i] - config.training[i].steps  # stay inside stage i
+                trainer._step(started)
+            rates[f"stage {i} steps/s"] = _rate(step, 1, seconds, warmup=5)
+    generator.eval()
+    batch = min(config.sampling.batch, 10_000)
+    rates["samples/s"] = _rate(lambda: generator.sample(batch, batch), batch, seconds, warmup=1)
+    rates["parameters"] = sum(p.numel() for p in generator.flow.parameters())
+    return rates
+
+
+def _worker_normflows(config_path: str, seconds: float) -> dict[str, float]:
+    import normflows as nf
+    import torch
+
+    from boltzgen.runs.target import build_coordinates
+
+    config, target, data = _setup(config_path)
+    coordinates = build_coordinates(config, target, data)
+    with torch.no_grad():
+        latent, _ = coordinates.inverse(data)
+    latent = latent.to(torch.float32)
+    dim = latent.shape[1]
+    circular = torch.nonzero(coordinates.circular_mask).flatten().tolist()
+    flow = config.flow
+    layers = []
+    for block in range(flow.blocks):
+        # normflows' coupling transforms the second half of a permuted vector; alternate the halves.
+        layers.append(nf.flows.CircularCoupledRationalQuadraticSpline(
+            dim, num_blocks=len(flow.hidden) - 1, num_hidden_channels=flow.hidden[0], ind_circ=circular,
+            num_bins=flow.bins, tail_bound=torch.tensor([flow.tail_bound if i not in circular else torch.pi
+                                                          for i in range(dim)]), reverse_mask=block % 2 == 1))
+    base = nf.distributions.UniformGaussian(dim, circular, torch.tensor(
+        [2 * torch.pi if i in circular else 1.0 for i in range(dim)]))
+    model = nf.NormalizingFlow(base, layers)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    rates: dict[str, float] = {}
+    for i, stage in enumerate(config.training):
+        def step(batch: int = stage.batch, clip: float = stage.grad_clip) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            loss = model.forward_kld(latent[torch.randint(0, len(latent), (batch,))])
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+            optimizer.step()
+        rates[f"stage {i} steps/s"] = _rate(step, 1, seconds, warmup=5)
+    batch = min(config.sampling.batch, 10_000)
+    with torch.no_grad():
+        rates["samples/s"] = _rate(lambda: model.sample(batch), batch, seconds, warmup=1)
+    rates["parameters"] = sum(p.numel() for p in model.parameters())
+    return rates
+
+
+# --------------------------------------------------------------------------------------------------
+# Driver
+# --------------------------------------------------------------------------------------------------
+
+
+def _extract(revision: str, folder: Path) -> Path:
+    """The ``boltzgen`` package and the ``systems`` folder at ``revision``, extracted under ``folder``;
+    returns the folder."""
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "boltzgen", "systems"], check=True,
+                             capture_output=True).stdout
+    with tarfile.open(fileobj=BytesIO(archive)) as tar:
+        tar.extractall(folder, filter="data")
+    return folder
+
+
+def _run_worker(kind: str, source: Path, config: str, seconds: float) -> dict[str, float]:
+    """One worker process; it reads ``config`` relative to ``source`` (a baseline uses its own copy)."""
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, __file__, "--worker", kind, "--config", config, "--seconds", str(seconds)],
+                         env=env, cwd=source, check=False, capture_output=True, text=True)
+    if out.returncode:
+        raise SystemExit(f"{kind} worker ({source}) failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def _table(results: dict[str, list[dict[str, float]]]) -> tuple[str, dict[str, dict[str, float]]]:
+    medians = {name: {key: statistics.median(r[key] for r in runs) for key in runs[0]}
+               for name, runs in results.items()}
+    keys = sorted({k for m in medians.values() for k in m if k != "parameters"})
+    lines = ["| variant | parameters | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
+    for name, m in medians.items():
+        cells = [f"{m[k]:.1f}" if k in m else "—" for k in keys]
+        ratios = [f"{medians['current'][k] / m[k]:.2f}x" if k in m and name != "current" else "" for k in keys]
+        lines.append(f"| {name} | {int(m['parameters']):,} | "
+                     + " | ".join(c + (f" (current {r})" if r else "") for c, r in zip(cells, ratios)) + " |")
+    return "\n".join(lines), medians
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", default="systems/alanine.yaml")
+    parser.add_argument("--baseline", help="git revision to compare against (e.g. HEAD~3)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per stage and variant per round")
+    parser.add_argument("--no-peer", action="store_true", help="leave out normflows")
+    parser.add_argument("--json", type=Path)
+    parser.add_argument("--worker", choices=["boltzgen", "normflows"], help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.worker:
+        import boltzgen  # noqa: F401 - first: its OMP_WAIT_POLICY must be set before torch loads OpenMP
+
+        worker = _worker_boltzgen if args.worker == "boltzgen" else _worker_normflows
+        print(json.dumps(worker(args.config, args.seconds)))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        variants = {"current": ("boltzgen", ROOT)}
+        if args.baseline:
+            variants[f"baseline {args.baseline}"] = ("boltzgen", _extract(args.baseline, Path(tmp)))
+        if not args.no_peer:
+            variants["normflows"] = ("normflows", ROOT)
+        results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
+        for round_ in range(args.rounds):
+            for name, (kind, source) in variants.items():
+                results[name].append(_run_worker(kind, source, args.config, args.seconds))
+                print(f"round {round_ + 1}/{args.rounds} {name}: {results[name][-1]}", file=sys.stderr)
+    table, medians = _table(results)
+    from boltzgen.config import load_config
+
+    stages = ", ".join(f"stage {i}: {s.loss}, batch {s.batch}" for i, s in enumerate(load_config(args.config)[0].training))
+    print(f"{args.config} ({stages}; normflows: forward KL only, without coordinates or energy), one torch thread, "
+          f"medians of {args.rounds} rounds:\n{table}")
+    if args.json:
+        args.json.write_text(json.dumps({"config": args.config, "medians": medians, "rounds": results}, indent=1))
+
+
+if __name__ == "__main__":
+    main()
