@@ -13,13 +13,15 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, Union
 
 import yaml
-from pydantic import (BaseModel, ConfigDict, Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError,
+from pydantic import (Field, PositiveFloat, PositiveInt, StringConstraints, ValidationError,
                       ValidationInfo, field_validator, model_validator)
 
+from boltzgen.baseline_config import RemdConfig, UmbrellaConfig, check_ladder  # noqa: F401 (re-exported)
+from boltzgen.config_base import StrictModel
 from boltzgen.errors import ConfigError
 from boltzgen.files import unreadable_reason
 from boltzgen.stage_config import AISConfig, AnnealingConfig, FABConfig, ReplayConfig  # noqa: F401 (re-exported)
-from boltzgen.states import check_state_cvs, resolve_states
+from boltzgen.states import check_state_cvs, pdb_cv_names, resolve_states
 
 
 #: Seeds reach numpy, torch and OpenMM: all take 0 .. 2^32 - 1.
@@ -50,25 +52,9 @@ StateName = Annotated[str, StringConstraints(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$"
 StateExpression = Annotated[str, StringConstraints(min_length=1, max_length=MAX_STATE_EXPRESSION)]
 
 
-class _Strict(BaseModel):
-    # Every float must be finite: an infinite lr, temperature or potential parameter is a mistake.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _no_yes_no_for_numbers(cls, data: Any) -> Any:
-        # pydantic reads `true` as 1 for a number; in a config that is a slip, not a value.
-        if isinstance(data, dict):
-            for key, value in data.items():
-                field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and field.annotation is not bool:
-                    raise ValueError(f"{key}: a yes/no value where a number or text belongs, got {value}")
-        return data
-
-
 # --- systems -------------------------------------------------------------------------------------
 
-class DoubleWellSystem(_Strict):
+class DoubleWellSystem(StrictModel):
     """u = a x0^4 - b x0^2 + c x0 + x1^2/2 (Noé et al. 2019 with a=1, b=6, c=1), in kT."""
 
     dim: ClassVar[int] = 2
@@ -78,7 +64,7 @@ class DoubleWellSystem(_Strict):
     c: float = Field(default=1.0, ge=-MAX_COEFFICIENT, le=MAX_COEFFICIENT)
 
 
-class MuellerBrownSystem(_Strict):
+class MuellerBrownSystem(StrictModel):
     """u = beta * V_MB(x0, x1) with the standard Mueller-Brown constants."""
 
     dim: ClassVar[int] = 2
@@ -86,14 +72,14 @@ class MuellerBrownSystem(_Strict):
     beta: float = Field(default=0.1, gt=0, le=MAX_COEFFICIENT)
 
 
-class ManyWellSystem(_Strict):
+class ManyWellSystem(StrictModel):
     """dim/2 independent 2-D double wells x1^4 - 6 x1^2 - 0.5 x1 + 0.5 x2^2 (the FAB benchmark; 32-D: 2^16 modes)."""
 
     type: Literal["many_well"]
     dim: int = Field(default=32, ge=2, le=1024, multiple_of=2)
 
 
-class GaussianMixtureSystem(_Strict):
+class GaussianMixtureSystem(StrictModel):
     """A 2-D mixture of equal-weight Gaussians, means uniform in [-loc_scale, loc_scale]^2 from ``seed`` (log Z = 0)."""
 
     dim: ClassVar[int] = 2
@@ -104,7 +90,7 @@ class GaussianMixtureSystem(_Strict):
     seed: Seed = 0
 
 
-class OpenMMSystem(_Strict):
+class OpenMMSystem(StrictModel):
     """A molecule from a PDB plus OpenMM force-field XML files (implicit solvent by listing its XML)."""
 
     type: Literal["openmm"]
@@ -116,13 +102,27 @@ class OpenMMSystem(_Strict):
     n_workers: int = Field(default=1, ge=1, le=MAX_THREADS)
 
 
-System = Annotated[Union[DoubleWellSystem, MuellerBrownSystem, ManyWellSystem, GaussianMixtureSystem, OpenMMSystem],
-                   Field(discriminator="type")]
+class MuellerBrownParticleSystem(StrictModel):
+    """One OpenMM particle (``mass_amu``, positions in nm) in the Mueller-Brown potential over (x, y),
+    scaled so that at ``temperature_K`` its reduced energy is ``beta * V_MB`` as in ``mueller_brown``,
+    plus the restraint z^2 / (2 z_sigma_nm^2) in kT; ``platform`` evaluates its energy."""
+
+    dim: ClassVar[int] = 3
+    type: Literal["mueller_brown_particle"]
+    beta: float = Field(default=0.1, gt=0, le=MAX_COEFFICIENT)
+    temperature_K: Temperature = 300.0
+    mass_amu: float = Field(default=1.0, gt=0, le=1e6)
+    z_sigma_nm: float = Field(default=0.1, gt=0, le=100.0)
+    platform: Platform = "Reference"
+
+
+System = Annotated[Union[DoubleWellSystem, MuellerBrownSystem, ManyWellSystem, GaussianMixtureSystem, OpenMMSystem,
+                         MuellerBrownParticleSystem], Field(discriminator="type")]
 
 
 # --- flow and coordinates ------------------------------------------------------------------------
 
-class CoordinatesConfig(_Strict):
+class CoordinatesConfig(StrictModel):
     """How the flow sees a configuration: as is, or as internal / mixed coordinates.
 
     ``scale`` (analytic systems): the flow's last layer, a trainable per-dimension affine map, starts
@@ -137,13 +137,13 @@ class CoordinatesConfig(_Strict):
     scale: PositiveFloat = 1.0
 
 
-class AutoregressiveSettings(_Strict):
+class AutoregressiveSettings(StrictModel):
     """``maf`` and ``iaf``: the elementwise transformer (``spline`` uses ``flow.bins``, ``flow.tail_bound``)."""
 
     transformer: Literal["affine", "spline"] = "spline"
 
 
-class ResidualSettings(_Strict):
+class ResidualSettings(StrictModel):
     """``iresnet`` (power series, ``n_terms``) and ``residual_flow`` (Russian roulette, ``exact_terms``,
     ``roulette_p``): the residual branch's Lipschitz bound, the log-det estimator's settings, the
     fixed-point inverse. ``exact_log_det: true`` computes the log-det exactly instead (``dim``
@@ -159,7 +159,7 @@ class ResidualSettings(_Strict):
     fixed_point_max_iter: int = Field(default=500, ge=1, le=100_000)
 
 
-class SylvesterSettings(_Strict):
+class SylvesterSettings(StrictModel):
     """``sylvester``: how ``Q`` is built (``orthogonal`` with ``m`` columns, ``householder`` with
     ``reflections``, ``triangular``); ``m`` and ``reflections`` default to the dimension."""
 
@@ -173,7 +173,7 @@ FLOW_SETTINGS_OWNERS = {"autoregressive": ("maf", "iaf"), "residual": ("iresnet"
                         "sylvester": ("sylvester",)}
 
 
-class FlowConfig(_Strict):
+class FlowConfig(StrictModel):
     """The flow: its family (``type``), ``blocks`` layers of it, their networks and the family's settings.
 
     Coupling flows: ``neural_spline``, ``real_nvp``, ``nice``; autoregressive: ``maf``, ``iaf``
@@ -199,7 +199,7 @@ class FlowConfig(_Strict):
 
     @field_validator("autoregressive", "residual", "sylvester")
     @classmethod
-    def _settings_of_this_type(cls, value: _Strict | None, info: ValidationInfo) -> _Strict | None:
+    def _settings_of_this_type(cls, value: StrictModel | None, info: ValidationInfo) -> StrictModel | None:
         owners = FLOW_SETTINGS_OWNERS[info.field_name]
         flow_type = info.data.get("type")
         if value is not None and flow_type is not None and flow_type not in owners:
@@ -221,7 +221,7 @@ class FlowConfig(_Strict):
 
 # --- data ------------------------------------------------------------------------------------------
 
-class BaselineConfig(_Strict):
+class BaselineConfig(StrictModel):
     """Batched MALA on an analytic energy: the counterpart of MD for toy systems."""
 
     chains: int = Field(default=256, ge=1, le=MAX_CHAINS)
@@ -238,7 +238,7 @@ class BaselineConfig(_Strict):
         return self
 
 
-class MDConfig(_Strict):
+class MDConfig(StrictModel):
     """Langevin MD with OpenMM. ``temperature_K`` may differ from the target's (reweighting corrects it).
 
     ``seed_states``: for training data only, also run MD from each configured state that holds
@@ -272,37 +272,9 @@ class MDConfig(_Strict):
         return self
 
 
-class UmbrellaConfig(_Strict):
-    """Adaptive umbrella sampling along phi with a flattening bias: the reference ΔF when plain MD
-    cannot cross. Stage 1, short multi-window umbrella sampling + MBAR, gives a rough profile F(phi);
-    stage 2 runs ``n_repeats`` long MD runs under the bias -min(F, f_cap) and reweights them."""
-
-    stage1_spacing_deg: float = Field(default=10.0, gt=0, le=180)
-    stage1_k_kJ_per_mol_rad2: PositiveFloat = 200.0
-    stage1_steps_per_window: int = Field(default=20_000, ge=1, le=MAX_STEPS)
-    stage1_skip_deg: list[tuple[float, float]] = Field(default_factory=lambda: [(115.0, 135.0)])
-    f_cap_kT: PositiveFloat = 18.0
-    production_steps: int = Field(default=5_000_000, ge=1, le=MAX_STEPS)
-    n_repeats: int = Field(default=2, ge=1, le=MAX_THREADS)
-    report_every: PositiveInt = 100
-    platform: Platform = "Reference"
-
-    @model_validator(mode="after")
-    def _runs_are_multiples_of_report_every(self) -> "UmbrellaConfig":
-        # Each window starts with 2,000 equilibration steps and production with 10,000, both stored.
-        runs = {"stage1_steps_per_window": self.stage1_steps_per_window, "production_steps": self.production_steps}
-        for key, steps in runs.items():
-            if steps % self.report_every or 2_000 % self.report_every:
-                raise ValueError(f"{key} ({steps}) and the equilibration (2,000 steps) must be multiples of "
-                                 f"report_every ({self.report_every})")
-        if self.production_steps <= 10_000:
-            raise ValueError(f"production_steps ({self.production_steps}) must exceed the 10,000 equilibration steps")
-        return self
-
-
 # --- training and sampling --------------------------------------------------------------------
 
-class TrainingStage(_Strict):
+class TrainingStage(StrictModel):
     """One stage of training.
 
     ``loss``: ``forward_kl`` (maximum likelihood on data), ``reverse_kl`` (energy-based, reparametrized)
@@ -347,13 +319,13 @@ class TrainingStage(_Strict):
         return self.fab if self.fab is not None else FABConfig()
 
 
-class SamplingConfig(_Strict):
+class SamplingConfig(StrictModel):
     n: int = Field(default=100_000, ge=1, le=MAX_SAMPLES)
     batch: int = Field(default=65536, ge=1, le=MAX_BATCH)
     n_bootstrap: int = Field(default=200, ge=2, le=100_000)
 
 
-class Config(_Strict):
+class Config(StrictModel):
     """A whole run: the system, how to get data, the flow, training stages, sampling and states."""
 
     # A name is a folder name: no "..", no leading dot or dash, not too long for a file system.
@@ -368,6 +340,7 @@ class Config(_Strict):
     baseline: BaselineConfig = BaselineConfig()
     md: MDConfig = MDConfig()
     umbrella: UmbrellaConfig = UmbrellaConfig()
+    remd: RemdConfig = RemdConfig()
     training: list[TrainingStage] = Field(min_length=1)
     sampling: SamplingConfig = SamplingConfig()
     states: dict[StateName, StateExpression] = Field(default_factory=dict, max_length=MAX_STATES)
@@ -384,7 +357,7 @@ def _format_location(loc: tuple[Any, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             text += f"[{part}]"
-        elif part in ("double_well", "mueller_brown", "many_well", "gmm", "openmm"):
+        elif part in ("double_well", "mueller_brown", "many_well", "gmm", "openmm", "mueller_brown_particle"):
             continue  # the union's tag adds nothing for the user: the path already says `system`
         else:
             text += f".{part}" if text else str(part)
@@ -475,6 +448,8 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> tuple[C
     except ValidationError as exc:
         raise ConfigError(_format_error(str(path), exc.errors()[0])) from None
     config = _resolve_files(config, path)
+    if "remd" in config.model_fields_set:  # the defaults are checked when replica exchange runs
+        check_ladder(config.remd, getattr(config.system, "temperature_K", None), str(path))
     return config, config.model_dump(mode="json")
 
 
@@ -516,6 +491,10 @@ def _resolve_files(config: Config, path: Path) -> Config:
         dim = getattr(config.system, "dim", None)  # analytic systems; a molecule's CVs come from its topology
         if dim is not None:
             check_state_cvs(states, [f"x{i}" for i in range(dim)])
+        elif "system" in updates and states:  # a molecule: its backbone torsions (phi0, phi1, ..., psi)
+            names = pdb_cv_names(updates["system"].pdb)
+            if names is not None:
+                check_state_cvs(states, names)
     except ValueError as exc:
         raise ConfigError(f"{path}: states: {exc}") from None
     return config.model_copy(update=updates) if updates else config

@@ -4,19 +4,16 @@ line like every other key."""
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+from pydantic import Field, PositiveFloat, model_validator
+
+from boltzgen.config_base import StrictModel
 
 #: Samples a stage may store (replay buffer, reweighted set) and steps: beyond them no run fits or ends.
 MAX_STORED = 10**9
 MAX_STEPS = 10**10
 
 
-class _Strict(BaseModel):
-    # As boltzgen.config's: unknown keys are errors, and every float must be finite.
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
-
-
-class AISConfig(_Strict):
+class AISConfig(StrictModel):
     """Annealed importance sampling of a ``fab`` stage: from the flow q to p^2/q through
     ``intermediate`` geometric intermediates q^(1-b) (p^2/q)^b (b evenly spaced in (0, 1)), each with
     ``hmc_steps`` HMC transitions of ``leapfrog`` steps in the flow's latent space. The step sizes
@@ -31,7 +28,7 @@ class AISConfig(_Strict):
     target_accept: float = Field(default=0.65, gt=0.0, lt=1.0)
 
 
-class ReplayConfig(_Strict):
+class ReplayConfig(StrictModel):
     """The prioritized replay buffer of a ``fab`` stage: the last ``size`` AIS samples with their
     log-weights; each AIS batch of ``batch`` samples is followed by ``updates`` gradient steps on
     ``updates`` minibatches drawn at once, without replacement, with probability proportional to the
@@ -50,7 +47,7 @@ class ReplayConfig(_Strict):
         return self
 
 
-class FABConfig(_Strict):
+class FABConfig(StrictModel):
     """The settings of a ``fab`` stage: its AIS and its replay buffer (``replay: null``: no buffer, each
     step trains on a fresh AIS batch)."""
 
@@ -58,7 +55,7 @@ class FABConfig(_Strict):
     replay: ReplayConfig | None = ReplayConfig()
 
 
-class AnnealingConfig(_Strict):
+class AnnealingConfig(StrictModel):
     """Temperature annealing of an ``annealing`` stage (TA-BG): ``temperatures`` are factors of the
     target temperature, decreasing to 1. The first ``hot_fraction`` of the steps trains by reverse KL
     at the first; the rest are shared by the others: at each, ``samples`` flow samples are drawn,

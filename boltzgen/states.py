@@ -22,8 +22,10 @@ from __future__ import annotations
 import ast
 import math
 import operator
+import re
 from dataclasses import dataclass, field
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -339,9 +341,48 @@ def dihedral_cvs(positions_nm: ArrayLike, torsions: Mapping[str, Sequence[int]])
     return cvs
 
 
+def torsion_cv_names(torsions: Mapping[str, Sequence[int]]) -> list[str]:
+    """The CV names :func:`dihedral_cvs` gives for ``torsions`` (as :func:`backbone_torsions` names
+    them): ``phi0, phi1, ..., phi, psi0, ..., psi``."""
+    names: list[str] = []
+    for kind in ("phi", "psi"):
+        names += [name for name in torsions if name.startswith(kind)]
+        names += [kind] if f"{kind}0" in torsions else []
+    return names
+
+
+def pdb_cv_names(pdb: Path) -> list[str] | None:
+    """The backbone-torsion CV names of the molecule in ``pdb`` (see :func:`torsion_cv_names`), ``None``
+    when mdtraj cannot read the file, and ``[]`` for a molecule without a backbone."""
+    import mdtraj
+
+    try:
+        topology = mdtraj.load_topology(str(pdb))
+    except Exception:  # noqa: BLE001 - building the system reports an unreadable PDB in its own words
+        return None
+    try:
+        return torsion_cv_names(backbone_torsions(topology))
+    except ValueError:
+        return []
+
+
+_INDEXED_TORSION = re.compile(r"^(phi|psi)\d+$")
+
+
 def check_state_cvs(states: Mapping[str, StateDefinition], cv_names: Sequence[str]) -> None:
-    """A ``ValueError`` naming the first state that reads a CV the system does not have."""
-    for label, state in states.items():
-        unknown = sorted(state.names_used() - set(cv_names))
-        if unknown:
-            raise ValueError(f"{label}: unknown CV {', '.join(unknown)}; this system's CVs are {', '.join(cv_names)}")
+    """A one-line ``ValueError`` naming the first state that reads a CV the system does not have.
+
+    States written as another's complement (``not B``, ``rest``) are checked last, so that the
+    message names the state where the CV was written.
+    """
+    expressions = {f"({state.expression})" for state in states.values()}
+    derived = {label for label, state in states.items() if any(e in state.expression for e in expressions)}
+    for label in sorted(states, key=lambda label: label in derived):
+        unknown = sorted(states[label].names_used() - set(cv_names))
+        if not unknown:
+            continue
+        hint = ""
+        if any(_INDEXED_TORSION.match(name) for name in unknown):
+            hint = " (phiN and psiN number the backbone torsions from 0 in chain order; phi and psi are phi0 and psi0)"
+        raise ValueError(f"{label}: unknown CV {', '.join(unknown)}; this system's CVs are "
+                         f"{', '.join(cv_names) or 'none'}{hint}")

@@ -49,6 +49,7 @@ def test_fab_defaults_and_the_shipped_configs_load(tmp_path):
     ("training[0].fab={replay: {min_size: 100, size: 1000}}", "training[0]", "updates x batch"),
     ("training[0].fab={replay: {min_size: 5000, size: 1000}}", "training[0].fab.replay", "must not exceed size"),
     ("training[0].fab={ais: {target_accept: 1.5}}", "training[0].fab.ais.target_accept", "less than 1"),
+    ("training[0].fab={ais: {intermediate: true}}", "training[0].fab.ais", "yes/no value where a number"),
     ("training[0]={loss: annealing, steps: 10}", "training[0]", "annealing stage needs its settings"),
     ("training[0]={loss: annealing, steps: 10, annealing: {temperatures: [2.0, 3.0, 1.0]}}",
      "training[0].annealing", "decrease strictly and end at 1.0"),

@@ -13,9 +13,11 @@ from boltzgen.states import (
     StateDefinition,
     backbone_torsions,
     cartesian_cvs,
+    check_state_cvs,
     dihedral_cvs,
     names_used,
     resolve_states,
+    torsion_cv_names,
 )
 
 
@@ -175,3 +177,32 @@ def test_backbone_torsions_need_a_backbone() -> None:
     top.add_atom("O", mdtraj.element.oxygen, residue)
     with pytest.raises(ValueError, match="no phi"):
         backbone_torsions(top)
+
+
+def test_central_residue_phi_of_three_residues() -> None:
+    """ACE-(ALA)3-NME: phi1 is the middle alanine's phi, and a state on it reads that torsion alone."""
+    top = _backbone(3)  # C0 N1 CA1 C1 N2 CA2 C2 N3 CA3 C3 N4
+    torsions = backbone_torsions(top)
+    assert torsions["phi1"] == (3, 4, 5, 6)
+    pos = np.random.default_rng(3).normal(scale=0.15, size=(200, 11, 3))
+    cv = dihedral_cvs(pos, torsions)
+    assert torsion_cv_names(torsions) == list(cv) == ["phi0", "phi1", "phi2", "phi", "psi0", "psi1", "psi2", "psi"]
+    np.testing.assert_allclose(cv["phi1"], _dihedral(pos[:, [3, 4, 5, 6]]), atol=1e-12)
+    states = resolve_states({"A": "not B", "B": "0 < phi1 < 2.2"})
+    check_state_cvs(states, torsion_cv_names(torsions))
+    in_b = (cv["phi1"] > 0) & (cv["phi1"] < 2.2)
+    assert 0 < in_b.sum() < len(in_b)
+    np.testing.assert_array_equal(states["B"](cv), in_b)
+    np.testing.assert_array_equal(states["A"](cv), ~in_b)
+
+
+def test_unknown_residue_index_names_the_state_that_wrote_it() -> None:
+    names = torsion_cv_names(backbone_torsions(_backbone(3)))
+    # B is checked before its complement A, though A comes first.
+    with pytest.raises(ValueError) as info:
+        check_state_cvs(resolve_states({"A": "not B", "B": "0 < phi3 < 2.2"}), names)
+    message = str(info.value)
+    assert "\n" not in message and message.startswith("B: unknown CV phi3;")
+    assert "phi0, phi1, phi2, phi, psi0" in message and "from 0 in chain order" in message
+    with pytest.raises(ValueError, match="^A: unknown CV x0; this system's CVs are none$"):
+        check_state_cvs(resolve_states({"A": "x0 < 0"}), [])

@@ -1,4 +1,4 @@
-"""Molecules shared by the force-field tests: alanine dipeptide and a 582-atom protein, as OpenMM systems."""
+"""Molecules shared by the force-field tests: alanine dipeptide, tetra-alanine and a 582-atom protein, as OpenMM systems."""
 
 from __future__ import annotations
 
@@ -14,6 +14,7 @@ from tests.helpers import skip_without_kernel
 
 ROOT = Path(__file__).resolve().parents[2]
 ALANINE_PDB = ROOT / "systems" / "alanine-dipeptide.pdb"
+TETRAALANINE_PDB = ROOT / "systems" / "tetraalanine.pdb"
 PROTEIN_PDB = Path(app.__file__).parent / "data" / "test.pdb"
 
 MakeSystem = Callable[..., tuple[openmm.System, np.ndarray]]
@@ -39,6 +40,14 @@ def alanine_pdb() -> app.PDBFile:
     if not ALANINE_PDB.exists():
         pytest.skip("systems/alanine-dipeptide.pdb not present")
     return app.PDBFile(str(ALANINE_PDB))
+
+
+@pytest.fixture(scope="session")
+def tetraalanine_pdb() -> app.PDBFile:
+    """ACE-(ALA)3-NME, 42 atoms (systems/make_alanine_pdb.py --residues 3)."""
+    if not TETRAALANINE_PDB.exists():
+        pytest.skip("systems/tetraalanine.pdb not present")
+    return app.PDBFile(str(TETRAALANINE_PDB))
 
 
 @pytest.fixture(scope="session")

@@ -28,6 +28,7 @@ MakeSystem = Callable[..., tuple[openmm.System, np.ndarray]]
 SYSTEMS = {
     "alanine-amber14-vacuum": ("alanine", ["amber14-all.xml"]),
     "alanine-amber96-obc": ("alanine", ["amber96.xml", "amber96_obc.xml"]),
+    "tetraalanine-amber96-obc": ("tetraalanine", ["amber96.xml", "amber96_obc.xml"]),
     "protein-amber14-vacuum": ("protein", ["amber14-all.xml"]),
     "protein-amber99sb-obc": ("protein", ["amber99sb.xml", "amber99_obc.xml"]),
 }
@@ -43,7 +44,7 @@ TERM_FORCES = {
 @pytest.fixture(scope="module", params=list(SYSTEMS))
 def system_case(request: pytest.FixtureRequest, make_system: MakeSystem) -> tuple[str, openmm.System, np.ndarray]:
     molecule, forcefield = SYSTEMS[request.param]
-    pdb = request.getfixturevalue("alanine_pdb" if molecule == "alanine" else "protein")
+    pdb = request.getfixturevalue({"alanine": "alanine_pdb", "tetraalanine": "tetraalanine_pdb"}.get(molecule, "protein"))
     system, positions = make_system(pdb, forcefield)
     return request.param, system, positions
 
@@ -66,7 +67,7 @@ def _alone(system: openmm.System, force: openmm.Force) -> openmm.System:
 @pytest.mark.parametrize("noise_nm", [0.01, 0.05])
 def test_parity_with_openmm(system_case: tuple[str, openmm.System, np.ndarray], noise_nm: float, native: bool) -> None:
     name, system, positions = system_case
-    n = 6 if name.startswith("alanine") else 2
+    n = 6 if name.startswith(("alanine", "tetraalanine")) else 2
     report = compare_with_openmm(system, positions, TEMPERATURE_K, n=n, noise_nm=noise_nm, seed=1, native=native)
     _assert_parity(report)
 

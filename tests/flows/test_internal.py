@@ -375,15 +375,23 @@ def test_round_trip_keeps_l_chirality(villin):
     assert not is_l_chirality(ic(ic.inverse(-x)[0])[0], quads).item()
 
 
-def test_alanine_dipeptide_round_trip():
-    path = REPO / "systems" / "alanine-dipeptide.pdb"
+@pytest.mark.parametrize(("pdb", "n_atoms"), [("alanine-dipeptide.pdb", 22), ("tetraalanine.pdb", 42)])
+def test_peptide_round_trip(pdb, n_atoms):
+    """ACE-(ALA)n-NME from systems/: the structure and thermally perturbed copies of it (0.01 nm,
+    rotated and shifted) come back up to rigid motion, all L."""
+    path = REPO / "systems" / pdb
     if not path.exists():
-        pytest.skip("systems/alanine-dipeptide.pdb not written yet")
+        pytest.skip(f"systems/{pdb} not written yet")
     md = pytest.importorskip("mdtraj")
     traj = md.load(str(path))
-    x = torch.as_tensor(traj.xyz.astype(np.float64)).reshape(traj.n_frames, -1)
+    assert traj.n_atoms == n_atoms
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.as_tensor(traj.xyz[0].astype(np.float64))
+    frames = [x0] + [(x0 + 0.01 * torch.randn(x0.shape, generator=gen, dtype=DT)) @ random_rotation(gen) + 1.0
+                     for _ in range(4)]
+    x = torch.stack(frames).reshape(len(frames), -1)
     ic = InternalCoordinates(zmatrix_from_topology(traj.top))
-    assert ic.dim_internal == 3 * traj.n_atoms - 6
+    assert ic.dim_internal == 3 * n_atoms - 6
     x2 = ic(ic.inverse(x)[0])[0]
-    assert kabsch_rmsd(x2.reshape(traj.n_frames, -1, 3), x.reshape(traj.n_frames, -1, 3)).max() < 1e-6
+    assert kabsch_rmsd(x2.reshape(len(frames), -1, 3), x.reshape(len(frames), -1, 3)).max() < 1e-6
     assert is_l_chirality(x2, traj.top).all()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,6 +107,28 @@ def test_zmatrix_from_topology_protein(villin):
     psi = md.compute_psi(villin)[0].tolist()
     assert sum(map(present, phi)) >= len(phi) - 1
     assert sum(map(present, psi)) >= len(psi) - 1
+
+
+def test_zmatrix_from_topology_tetraalanine():
+    """The automatic table of ACE-(ALA)3-NME (systems/tetraalanine.pdb, 42 atoms) is valid and
+    heavy-first, and names every backbone phi and psi of the three alanines as a torsion."""
+    md = pytest.importorskip("mdtraj")
+    path = Path(__file__).resolve().parents[2] / "systems" / "tetraalanine.pdb"
+    if not path.exists():
+        pytest.skip("systems/tetraalanine.pdb not written yet")
+    traj = md.load(str(path))
+    top = traj.top
+    zmat = zmatrix_from_topology(top)
+    validate_zmatrix(zmat, 42)
+    assert sorted(zmat[:, 0].tolist()) == list(range(42))
+    assert bonded_references(zmat, [(a.index, b.index) for a, b in top.bonds])
+    is_h = np.array([a.element.symbol == "H" for a in top.atoms])
+    assert torsion_refs_heavy_or_sibling(zmat, ~is_h)
+    order_h = is_h[zmat[:, 0]]
+    assert not (order_h[:-1] & ~order_h[1:]).any()
+    quads = {tuple(q) for q in zmatrix_from_topology(top, sibling_torsions=False)[3:].tolist()}
+    for q in md.compute_phi(traj)[0].tolist() + md.compute_psi(traj)[0].tolist():
+        assert tuple(q) in quads or tuple(q[::-1]) in quads, q
 
 
 def test_build_zmatrix_disconnected_raises():

@@ -1,0 +1,25 @@
+"""The base of every config model: what "strict" means for a key in a config file."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, model_validator
+
+
+class StrictModel(BaseModel):
+    """Unknown keys are errors, models are frozen, every float must be finite (an infinite lr,
+    temperature or potential parameter is a mistake), and a yes/no value is refused where a number
+    or text belongs (pydantic would read ``true`` as 1: in a config that is a slip, not a value)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_yes_no_for_numbers(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            for key, value in data.items():
+                field = cls.model_fields.get(key)
+                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                    raise ValueError(f"{key}: a yes/no value where a number or text belongs, got {value}")
+        return data
