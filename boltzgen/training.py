@@ -31,8 +31,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from boltzgen import distributed
 from boltzgen.config import TrainingStage
-from boltzgen.errors import RunError
+from boltzgen.errors import ConfigError, RunError
 from boltzgen.estimators.weights import kish_ess
 from boltzgen.generator import BoltzmannGenerator, log_weights
 from boltzgen.files import atomic_torch_save
@@ -109,6 +110,18 @@ def check_recipe(stages: list[TrainingStage], capabilities: Capabilities, flow_n
                              "train it with loss reverse_kl")
 
 
+def check_stages_distributable(stages: list[TrainingStage]) -> None:
+    """In a launch of several processes, a one-line ``ConfigError`` naming the first stage it cannot
+    split: a data-free stage, or a batch that the number of processes does not divide."""
+    if not distributed.world().distributed:
+        return
+    for i, stage in enumerate(stages):
+        if stage.loss in DATA_FREE_LOSSES:
+            raise ConfigError(f"training[{i}]: loss {stage.loss} runs in one process only (its AIS samples, replay "
+                              "buffer and reweighted sets are not split across ranks); launch it without torchrun")
+        distributed.local_batch(stage.batch, f"training[{i}].batch")
+
+
 #: What every checkpoint of :meth:`Trainer.save_checkpoint` holds.
 CHECKPOINT_KEYS = frozenset({"step", "model", "optimizer", "optimizer_stage", "torch_rng", "energy_evaluations",
                              "wall_seconds", "n_nonfinite"})
@@ -152,6 +165,9 @@ class Trainer:
         for stage in stages:
             if stage.loss in ("forward_kl", "mixed") and data is None:
                 raise ValueError(f"a {stage.loss} stage needs training data, and none was given")
+        #: The launch this process is part of; one process unless started by torchrun.
+        self.world = distributed.world()
+        check_stages_distributable(stages)
         #: The state of each data-free stage (FAB, annealing) that has run, by stage index; checkpointed.
         self._runners: dict[int, StageRunner] = {}
         #: One row per logged step of a data-free stage: step, stage and its diagnostics; checkpointed.
@@ -179,7 +195,9 @@ class Trainer:
     def _ensure_optimizer(self, stage_idx: int) -> torch.optim.Optimizer:
         if self._optimizer_stage != stage_idx:
             stage = self.stages[stage_idx]
-            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=stage.lr, weight_decay=stage.weight_decay)
+            # fused: one kernel for all parameters instead of a handful of ops per parameter tensor.
+            self.optimizer = torch.optim.Adam(self.generator.parameters(), lr=stage.lr, weight_decay=stage.weight_decay,
+                                              fused=True)
             self._optimizer_stage = stage_idx
         assert self.optimizer is not None
         return self.optimizer
@@ -217,12 +235,16 @@ class Trainer:
         forward_nll = reverse_kl = ess = float("nan")
         n_nonfinite = 0
         loss = torch.zeros((), dtype=torch.float64)
+        batch = distributed.local_batch(stage.batch)  # this rank's share of the global batch
         if forward_weight > 0:
-            nll = forward_kl_loss(self.generator, self._data_batch(stage.batch))
+            nll = forward_kl_loss(self.generator, self._data_batch(batch))
             forward_nll = float(nll.detach())
             loss = loss.to(nll) + forward_weight * nll
         if reverse_weight > 0:
-            rkl, log_w, n_nonfinite = reverse_kl_loss(self.generator, stage.batch, stage.u_max, stage.temperature_factor)
+            rkl, log_w, n_nonfinite = reverse_kl_loss(self.generator, batch, stage.u_max, stage.temperature_factor)
+            log_w = distributed.gather_cat(log_w)  # the global batch's, in a launch
+            # A launch averages the ranks' gradients: weigh each by its share of the finite samples.
+            rkl = distributed.rescale_mean(rkl, batch - n_nonfinite, int(torch.isfinite(log_w).sum()))
             reverse_kl = float(rkl.detach())
             ess = kish_ess(log_w.cpu().numpy())
             loss = loss.to(rkl) + reverse_weight * rkl
@@ -230,10 +252,15 @@ class Trainer:
 
     @torch.no_grad()
     def _eval_ess(self, batch: int) -> float:
-        x, _, log_q = self.generator.sample_with_log_q(batch)
-        return kish_ess(log_weights(self.generator.energy(x), log_q).cpu().numpy())
+        x, _, log_q = self.generator.sample_with_log_q(max(1, batch // self.world.size))
+        return kish_ess(distributed.gather_cat(log_weights(self.generator.energy(x), log_q)).cpu().numpy())
 
     def save_checkpoint(self) -> None:
+        # Every rank takes part (its random state and energy count travel to rank 0); rank 0 writes.
+        rank_rng = distributed.gather_to_main(distributed.rng_state()) if self.world.distributed else None
+        evaluations = int(distributed.sum_over_ranks([self.generator.energy.evaluations])[0])
+        if not self.world.is_main:
+            return
         state = {
             "step": self.step,
             "model": self.generator.state_dict(),
@@ -241,11 +268,12 @@ class Trainer:
             "optimizer_stage": self._optimizer_stage,
             "torch_rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-            "energy_evaluations": self.generator.energy.evaluations,
+            "energy_evaluations": evaluations,
             "wall_seconds": self.wall_seconds,
             "n_nonfinite": self.n_nonfinite,
             "stage_runners": {i: runner.state_dict() for i, runner in self._runners.items()},
             "diagnostics": list(self.diagnostics),
+            "rank_rng": rank_rng,  # one state per rank of a launch, else None
         }
         atomic_torch_save(state, self.checkpoint_path)
 
@@ -258,10 +286,9 @@ class Trainer:
         self.step = state["step"]
         if state["optimizer"] is not None:
             self._ensure_optimizer(state["optimizer_stage"]).load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        self.generator.energy.evaluations = state["energy_evaluations"]
+        distributed.restore_rng(state.get("rank_rng") or [{"cpu": state["torch_rng"], "cuda": state["cuda_rng"]}])
+        # The run's total, counted once: on rank 0 (the others count from 0 and are summed with it).
+        self.generator.energy.evaluations = state["energy_evaluations"] if self.world.is_main else 0
         self.wall_seconds = state["wall_seconds"]
         self.resumed_wall_seconds = self.wall_seconds
         self.n_nonfinite = state["n_nonfinite"]
@@ -269,7 +296,8 @@ class Trainer:
         for i, runner_state in state.get("stage_runners", {}).items():
             self._runner(i).load_state_dict(runner_state)
         self.diagnostics = list(state.get("diagnostics", []))
-        self._truncate_metrics(self.step)
+        if self.world.is_main:
+            self._truncate_metrics(self.step)
 
     def _truncate_metrics(self, step: int) -> None:
         if not self.metrics_path.exists():
@@ -316,27 +344,30 @@ class Trainer:
         if resume and self.checkpoint_path.exists():
             self.load_checkpoint()
         else:
-            self._write_metrics([], mode="w")
+            if self.world.is_main:
+                self._write_metrics([], mode="w")
             self._initialize_from_data()
         if on_start is not None:
             on_start()
         self.generator.train()
         end = self.total_steps if stop_after is None else min(self.total_steps, stop_after)
-        bar = tqdm(total=self.total_steps, initial=self.step, disable=not self.progress, desc="train", unit="step")
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (self.progress and self.world.is_main),
+                   desc="train", unit="step")
         started = time.perf_counter() - self.wall_seconds
         try:
             with _stop_at_step_boundary() as stop_requested:
                 while self.step < end:
                     row = self._step(started)
-                    if row is not None:
+                    if row is not None and self.world.is_main:
                         self._write_metrics([row], mode="a")
                         bar.set_postfix(loss=f"{row['loss']:.3f}", ess=f"{row['ess']:.3f}")
                         if on_log is not None:
                             on_log(row)
-                    if self.step % self.checkpoint_every == 0 or self.step == end or stop_requested():
+                    stop = distributed.any_rank(stop_requested())  # a signal to one rank stops them all here
+                    if self.step % self.checkpoint_every == 0 or self.step == end or stop:
                         self.save_checkpoint()
                     bar.update(1)
-                    if stop_requested():
+                    if stop:
                         raise KeyboardInterrupt
         finally:
             bar.close()
@@ -356,10 +387,12 @@ class Trainer:
             raise RunError(f"training[{stage_idx}]: the loss became {float(result.loss)} at step {self.step}; "
                            "lower this stage's lr or u_max")
         result.loss.backward()
+        # In a launch: every rank gets the gradient of the global batch's mean loss, and the count of all ranks.
+        n_nonfinite = int(distributed.average_gradients(self.generator.parameters(), [result.n_nonfinite])[0])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.generator.parameters(), stage.grad_clip)
         if torch.isfinite(grad_norm):
             optimizer.step()
-        self.n_nonfinite += result.n_nonfinite
+        self.n_nonfinite += n_nonfinite
         self.step += 1
         self.wall_seconds = time.perf_counter() - started
         if not (self.step % self.log_every == 0 or self.step == self.total_steps):
@@ -367,11 +400,14 @@ class Trainer:
         ess = result.ess if not math.isnan(result.ess) else self._eval_ess(min(stage.batch, 1024))
         if result.diagnostics:
             self.diagnostics.append({"step": self.step, "stage": stage_idx, **result.diagnostics})
+        loss, forward_nll, reverse_kl = distributed.mean_over_ranks(
+            [float(result.loss.detach()), result.forward_nll, result.reverse_kl])
         return {
-            "step": self.step, "stage": stage_idx, "loss": float(result.loss.detach()),
-            "forward_nll": result.forward_nll, "reverse_kl": result.reverse_kl, "ess": ess, "lr": lr,
+            "step": self.step, "stage": stage_idx, "loss": loss,
+            "forward_nll": forward_nll, "reverse_kl": reverse_kl, "ess": ess, "lr": lr,
             "grad_norm": float(grad_norm), "n_nonfinite": self.n_nonfinite,
-            "energy_evaluations": self.generator.energy.evaluations, "wall_seconds": self.wall_seconds,
+            "energy_evaluations": int(distributed.sum_over_ranks([self.generator.energy.evaluations])[0]),
+            "wall_seconds": self.wall_seconds,
         }
 
 
@@ -408,8 +444,14 @@ def read_checkpoint(path: Path) -> dict:
     return state
 
 
+#: Index buffers that checkpoints written before the flows' features became non-persistent hold;
+#: they are rebuilt from the masks, so they are dropped on load.
+RETIRED_BUFFERS = (".cond_idx", ".cond_circular", ".made.circular")
+
+
 def load_model_state(generator: torch.nn.Module, model_state: dict, path: Path) -> None:
     """Load a checkpoint's model state; a RunError naming the first difference when the flows differ."""
+    model_state = {name: t for name, t in model_state.items() if not name.endswith(RETIRED_BUFFERS)}
     expected = {name: tuple(t.shape) for name, t in generator.state_dict().items()}
     saved = {name: tuple(getattr(t, "shape", ())) for name, t in model_state.items()}
     differences = sorted(set(expected) ^ set(saved)) + sorted(n for n in expected.keys() & saved.keys()

@@ -7,11 +7,16 @@ nm and the topology as JSON, exactly as mdtraj's HDF5 format, so ``mdtraj.load``
 reads HDF5 through PyTables). Per-frame extras (``log_q``, ``u``, ``log_w``, energies) are float64
 datasets beside them, except mdtraj's own ``time`` (ps) and ``potentialEnergy`` (kJ/mol), stored as
 mdtraj stores them. Analytic systems have no topology; their ``positions`` are ``[n, dim]``.
+
+Samples drawn by several processes (a torchrun launch) are one shard file per rank in
+``<stem>.shards/`` and, at ``<stem>.h5``, a file of HDF5 virtual datasets over them
+(:func:`write_virtual_samples`) that reads as one file.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -149,6 +154,69 @@ class SampleWriter:
             self.close()
         else:
             self.abort()
+
+
+def shard_paths(path: str | Path, n_shards: int) -> list[Path]:
+    """The shard files of ``path`` written by ``n_shards`` processes: ``<stem>.shards/<rank>-of-<n>.h5``
+    beside it, in rank order."""
+    path = Path(path)
+    folder = path.with_name(f"{path.stem}.shards")
+    return [folder / f"{rank:04d}-of-{n_shards:04d}.h5" for rank in range(n_shards)]
+
+
+def remove_stale_shards(path: str | Path, keep: Iterable[Path] = ()) -> None:
+    """Delete the shard files of ``path`` (see :func:`shard_paths`) other than ``keep``: what an
+    earlier launch with another number of processes left; the folder too once it is empty."""
+    folder = shard_paths(path, 1)[0].parent
+    if not folder.is_dir():
+        return
+    kept = {Path(p).resolve() for p in keep}
+    for stale in folder.glob("*-of-*.h5"):
+        if stale.resolve() not in kept:
+            stale.unlink(missing_ok=True)
+    if not any(folder.iterdir()):
+        folder.rmdir()
+
+
+def write_virtual_samples(path: str | Path, shards: list[Path]) -> int:
+    """Write ``path`` as one file over ``shards`` (files of :class:`SampleWriter` with the same datasets):
+    each per-frame dataset an HDF5 virtual dataset of the shards' frames in shard order, the topology
+    and the attributes copied from the first shard. ``mdtraj.load`` and ``h5py`` read it as one file,
+    with no frame copied; it names the shards by paths relative to its folder, so the two move together.
+    Returns the number of frames.
+    """
+    path = Path(path)
+    with h5py.File(shards[0], "r") as first:
+        attrs = dict(first.attrs)
+        topology = first["topology"][()] if "topology" in first else None
+        layout = {name: (first[name].dtype, first[name].shape[1:], dict(first[name].attrs))
+                  for name in first if name != "topology"}
+    counts = [int(n) for n in read_frame_counts(shards, next(iter(layout)))]
+    total = sum(counts)
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs.update(attrs)
+        if topology is not None:
+            f.create_dataset("topology", data=topology)
+        for name, (dtype, tail, dataset_attrs) in layout.items():
+            virtual = h5py.VirtualLayout(shape=(total, *tail), dtype=dtype)
+            offset = 0
+            for shard, n in zip(shards, counts):
+                virtual[offset:offset + n] = h5py.VirtualSource(os.path.relpath(shard, path.parent), name,
+                                                                shape=(n, *tail), dtype=dtype)
+                offset += n
+            f.create_virtual_dataset(name, virtual).attrs.update(dataset_attrs)
+    return total
+
+
+def read_frame_counts(paths: Iterable[Path], dataset: str) -> list[int]:
+    """The length of ``dataset`` in each of ``paths``; a missing one is a :class:`DataFileError`."""
+    counts = []
+    for path in paths:
+        with _open(path) as f:
+            if dataset not in f:
+                raise DataFileError(f"{path}: dataset '{dataset}' is missing")
+            counts.append(int(f[dataset].shape[0]))
+    return counts
 
 
 def _numpy(values: np.ndarray | torch.Tensor) -> np.ndarray:

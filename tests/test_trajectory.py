@@ -14,6 +14,9 @@ from boltzgen.trajectory import (
     read_datasets,
     read_samples,
     read_topology,
+    remove_stale_shards,
+    shard_paths,
+    write_virtual_samples,
 )
 
 WATER_PDB = app.__file__.replace("__init__.py", "data/tip3p.pdb")
@@ -95,3 +98,31 @@ def test_readers_agree_and_stream_in_chunks(tmp_path):
         writer.append(np.zeros((3, 2)))
     with pytest.raises(DataFileError, match="no topology"):
         read_topology(plain)
+
+
+def test_shards_read_as_one_file_with_mdtraj_and_h5py(tmp_path):
+    pdb = app.PDBFile(WATER_PDB)
+    n_atoms = pdb.topology.getNumAtoms()
+    path = tmp_path / "run" / "samples.h5"
+    shards = shard_paths(path, 2)
+    rng = np.random.default_rng(2)
+    x = rng.uniform(size=(9, 3 * n_atoms)).astype(np.float32).astype(np.float64)
+    for shard, rows in zip(shards, (slice(0, 5), slice(5, 9))):
+        with SampleWriter(shard, 3 * n_atoms, extras=("u", "log_w"), topology=pdb.topology) as writer:
+            writer.append(x[rows], u=np.arange(9.0)[rows], log_w=-np.arange(9.0)[rows])
+    stale = shard_paths(path, 3)[2]
+    stale.write_bytes(b"left by a launch of 3")
+    assert write_virtual_samples(path, shards) == 9
+    remove_stale_shards(path, keep=shards)
+    assert not stale.exists() and all(p.exists() for p in shards)
+    moved = tmp_path / "moved"
+    (tmp_path / "run").rename(moved)  # the shards are named relative to the file: they move with it
+    traj = mdtraj.load(str(moved / "samples.h5"))
+    assert traj.n_frames == 9 and traj.n_atoms == n_atoms
+    np.testing.assert_allclose(traj.xyz.reshape(9, -1), x, rtol=1e-6)
+    data = read_samples(moved / "samples.h5")
+    np.testing.assert_array_equal(data["u"], np.arange(9.0))
+    with h5py.File(moved / "samples.h5") as f:
+        assert f["coordinates"].is_virtual and f["coordinates"].attrs["units"] == "nanometers"
+    remove_stale_shards(moved / "samples.h5")
+    assert not (moved / "samples.shards").exists()

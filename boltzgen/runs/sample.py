@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from boltzgen import plots
+from boltzgen import distributed, plots
 from boltzgen.energies.analytic import AnalyticEnergy
 from boltzgen.errors import RunError
 from boltzgen.estimators.free_energy import delta_f, thermodynamic_free_energies_mbar
@@ -43,7 +43,7 @@ from boltzgen.runs.resources import check_samples
 from boltzgen.runs.rundir import RunDir
 from boltzgen.runs.summaries import FreeEnergyRow, LogDetEstimate, LogZRow, SampleSummary, ThermodynamicRow
 from boltzgen.runs.target import Target, load_run
-from boltzgen.trajectory import SampleWriter
+from boltzgen.trajectory import SampleWriter, remove_stale_shards, shard_paths, write_virtual_samples
 
 WEIGHTS = ("raw", "psis", "truncate")
 FES_BINS_1D = 60
@@ -124,6 +124,43 @@ def draw_samples(generator: BoltzmannGenerator, target: Target, n: int, batch: i
     x_head = np.concatenate(head) if head else np.empty((0, generator.energy.dim))
     return SampleSet(**{k: np.concatenate(v) for k, v in parts.items()}, cvs=cvs, x_head=x_head,
                      n_wrong_chirality=n_wrong, wall_seconds=time.perf_counter() - started)
+
+
+def draw_samples_distributed(generator: BoltzmannGenerator, target: Target, n: int, batch: int, path: Path,
+                             progress: bool, reject_wrong_chirality: bool = False, keep_states: int = 200_000,
+                             names: tuple[str, str] = ("sampling.n", "sampling.batch")) -> SampleSet | None:
+    """:func:`draw_samples` split over the ranks of a torchrun launch; in one process, draw_samples itself.
+
+    ``n`` and ``batch`` are global (``names`` say where they come from, for errors). Each rank draws
+    its contiguous share of ``n`` (:func:`~boltzgen.distributed.shard`) in batches of ``batch`` /
+    world size from its own random stream (seeded by the caller) into its own shard file. Only the
+    ``[n]`` float64 arrays and CVs travel: rank 0 gets them in rank order, the order of the frames
+    in ``path``, which it writes as one file over the shards (HDF5 virtual datasets). Rank 0 returns
+    the :class:`SampleSet` of all ``n`` samples, with its own first states as ``x_head``; the other
+    ranks return ``None``.
+    """
+    world = distributed.world()
+    if not world.distributed:
+        samples = draw_samples(generator, target, n, batch, path, progress, reject_wrong_chirality, keep_states)
+        remove_stale_shards(path)
+        return samples
+    local_batch = distributed.local_batch(batch, names[1])
+    if n < world.size:
+        raise RunError(f"{names[0]}: {n} samples cannot be split over the {world.size} processes of this launch; "
+                       f"ask for at least {world.size}")
+    started = time.perf_counter()
+    shards = shard_paths(path, world.size)
+    own = draw_samples(generator, target, distributed.shard(n)[1], local_batch, shards[world.rank],
+                       progress and world.is_main, reject_wrong_chirality, keep_states)
+    parts = distributed.gather_to_main(replace(own, x_head=own.x_head[:0]))  # returns once every shard is closed
+    if parts is None:
+        return None
+    write_virtual_samples(path, shards)
+    remove_stale_shards(path, keep=shards)
+    return SampleSet(**{key: np.concatenate([getattr(p, key) for p in parts]) for key in ("log_q", "u", "log_w")},
+                     cvs={key: np.concatenate([p.cvs[key] for p in parts]) for key in own.cvs}, x_head=own.x_head,
+                     n_wrong_chirality=sum(p.n_wrong_chirality for p in parts),
+                     wall_seconds=time.perf_counter() - started)
 
 
 @dataclass(frozen=True)
@@ -261,8 +298,11 @@ def thermodynamic_rows(target: Target, samples: SampleSet, temperatures: Sequenc
 
 def sample_job(run: RunDir, n: int, batch: int | None = None, out: Path | None = None, weights: str = "raw",
                seed: int | None = None, progress: bool = True,
-               temperatures: Sequence[float] | None = None) -> SampleSummary:
+               temperatures: Sequence[float] | None = None) -> SampleSummary | None:
     """`boltzgen sample`: stream ``n`` flow samples to HDF5 and summarize the importance weights.
+
+    Under torchrun every rank draws its share (:func:`draw_samples_distributed`) and rank 0 alone
+    summarizes them all, with the same code as one process; the other ranks return ``None``.
 
     Writes the summary (see :class:`~boltzgen.runs.summaries.SampleSummary`) to ``sample_summary.json``:
     ESS of the weights used, k̂ of the raw weights, ESS per CV and per state indicator ``state:NAME``
@@ -277,17 +317,22 @@ def sample_job(run: RunDir, n: int, batch: int | None = None, out: Path | None =
     if weights not in WEIGHTS:
         raise RunError(f"--weights: unknown method {weights!r}; choose one of {', '.join(WEIGHTS)}")
     trained = load_run(run)
+    distributed.barrier()  # load_run removes temporary files: no rank may have begun its shard yet
     config, target, generator = trained.config, trained.target, trained.generator
+    batch_name = "sampling.batch" if batch is None else "--batch"
     batch = config.sampling.batch if batch is None else batch
     if batch < 1:
         raise RunError(f"--batch must be at least 1, got {batch}")
     path = Path(out) if out is not None else run.samples
     check_samples(target.shape, n, batch, path.parent, "--n")
-    torch.manual_seed(config.seed if seed is None else seed)
+    distributed.manual_seed(config.seed if seed is None else seed)
     evaluations0 = generator.energy.evaluations
-    samples = draw_samples(generator, target, n, batch, path, progress, config.coordinates.reject_wrong_chirality,
-                           keep_states=min(n, 10_000))
-    evaluations = generator.energy.evaluations - evaluations0
+    samples = draw_samples_distributed(generator, target, n, batch, path, progress,
+                                       config.coordinates.reject_wrong_chirality, keep_states=min(n, 10_000),
+                                       names=("--n", batch_name))
+    evaluations = int(distributed.sum_over_ranks([generator.energy.evaluations - evaluations0])[0])
+    if samples is None:
+        return None
 
     log_w = select_weights(samples.log_w, weights)
     if not np.isfinite(log_w).any():
@@ -313,7 +358,7 @@ def sample_job(run: RunDir, n: int, batch: int | None = None, out: Path | None =
         energy_evaluations={"sampling": evaluations, "total": evaluations},
         sampling_wall_seconds=samples.wall_seconds, samples_file=run.relative(path), batch=batch,
         log_det=log_det_report(generator), log_z=log_z_row(target, samples.log_w),
-        wall_seconds=time.perf_counter() - started,
+        wall_seconds=time.perf_counter() - started, ranks=distributed.world().size,
     )
     summary.write(run.sample_summary)
     return summary

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from boltzgen import plots
+from boltzgen import distributed, plots
 from boltzgen.config import Config, OpenMMSystem, dump_config
 from boltzgen.errors import ConfigError
 from boltzgen.flows.build import can_transform_circular, flow_capabilities
@@ -23,7 +23,14 @@ from boltzgen.geometry import find_alpha_carbon_chirality, is_l_chirality
 from boltzgen.runs.baselines import TrainingData, baseline_free_energies, phi_profile, training_data
 from boltzgen.runs.resources import check_train
 from boltzgen.runs.rundir import RunDir
-from boltzgen.runs.sample import SampleSet, WeightStats, draw_samples, log_det_report, log_z_row, sample_free_energies
+from boltzgen.runs.sample import (
+    SampleSet,
+    WeightStats,
+    draw_samples_distributed,
+    log_det_report,
+    log_z_row,
+    sample_free_energies,
+)
 from boltzgen.runs.summaries import BaselineSummary, TrainSummary, UmbrellaSummary
 from boltzgen.runs.target import (
     Target,
@@ -33,7 +40,7 @@ from boltzgen.runs.target import (
     select_device,
     to_flow_dtype,
 )
-from boltzgen.training import Trainer, check_recipe, load_model_state, read_checkpoint
+from boltzgen.training import Trainer, check_recipe, check_stages_distributable, load_model_state, read_checkpoint
 
 #: Energy added to the mirror image (D) of a molecule trained without data, when it rejects wrong chirality (kT).
 CHIRALITY_PENALTY_KT = 1e4
@@ -42,15 +49,20 @@ DENSITY_BINS = 120
 
 
 def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = False, force: bool = False,
-          progress: bool = True) -> TrainSummary:
+          progress: bool = True) -> TrainSummary | None:
     """The whole `boltzgen train` job. Returns the summary that it also writes to the run's summary file.
 
     Everything that can be checked is checked before the baseline and training start: the system,
     the states, the sizes, and on ``resume`` the checkpoint against the config. A resume that fails
     leaves the run directory as it was; its config file is replaced only once the checkpoint loaded.
+
+    Under torchrun every rank trains on its share of each batch and draws its share of the samples;
+    rank 0 alone writes files and returns the summary, the other ranks return ``None``.
     """
     started = time.perf_counter()
     check_flow(config)
+    check_launch(config)
+    progress = progress and distributed.is_main()
     run.prepare_for_training(resume, force)
     resuming = resume and run.checkpoint.exists()
     torch.manual_seed(config.seed)
@@ -62,20 +74,27 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
     if resuming:
         load_model_state(build_generator(config, target, None), read_checkpoint(run.checkpoint)["model"],
                          run.checkpoint)
-    else:
+    elif distributed.is_main():
         atomic_write_text(run.config, dump_config(resolved))
     energy = target.energy.to(device)
 
-    data = training_data(config, target, run, progress) if needs_baseline(config, target) else None
+    data = None
+    if distributed.is_main() and needs_baseline(config, target):
+        data = training_data(config, target, run, progress)
+    data = distributed.broadcast_from_main(data)  # rank 0 ran the baseline once; the other ranks wait for it
     energy.evaluations, energy.seconds = 0, 0.0
 
     generator, trainer = _train_flow(config, resolved, run, target, data, resuming, progress)
-    training_evaluations, training_energy_seconds = energy.evaluations, energy.seconds
+    # Counts and seconds inside energy calls are summed over the ranks of a launch.
+    training_evaluations, training_energy_seconds = distributed.sum_over_ranks([energy.evaluations, energy.seconds])
 
-    samples = draw_samples(generator, target, config.sampling.n, config.sampling.batch, run.samples,
-                           progress, config.coordinates.reject_wrong_chirality)
-    sampling_evaluations = energy.evaluations - training_evaluations
-    sampling_energy_seconds = energy.seconds - training_energy_seconds
+    samples = draw_samples_distributed(generator, target, config.sampling.n, config.sampling.batch, run.samples,
+                                       progress, config.coordinates.reject_wrong_chirality)
+    evaluations, seconds = distributed.sum_over_ranks([energy.evaluations, energy.seconds])
+    sampling_evaluations, training_evaluations = int(evaluations - training_evaluations), int(training_evaluations)
+    sampling_energy_seconds = seconds - training_energy_seconds
+    if samples is None:
+        return None
     umbrella = UmbrellaSummary.read(run.umbrella.summary) if run.umbrella.summary.exists() else None
     make_plots(run, target, data, samples, umbrella)
     write_diagnostics(run, config, target, trainer.diagnostics)
@@ -99,7 +118,7 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
         # This session's wall time plus the training time of the sessions it resumed.
         n_nonfinite_training=trainer.n_nonfinite, log_det=log_det_report(generator),
         log_z=log_z_row(target, samples.log_w),
-        wall_seconds=time.perf_counter() - started + trainer.resumed_wall_seconds,
+        wall_seconds=time.perf_counter() - started + trainer.resumed_wall_seconds, ranks=distributed.world().size,
     )
     summary.write(run.summary)
     return summary
@@ -114,6 +133,7 @@ def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: T
     reference = reference_structure(target) if x_train is None and target.molecule is not None else None
     generator = build_generator(config, target, x_train if x_train is not None else reference)
     to_flow_dtype(generator, device, dtype)
+    distributed.reseed_ranks(config.seed)  # every rank of a launch its own stream, after the common initialization
     # The Trainer gets the data only when a stage trains on them: they also initialize ActNorm, and
     # the baseline of a target trained without data can miss modes (the 32-D many-well's MALA does).
     used = x_train is not None and trains_on_data(config)
@@ -122,8 +142,10 @@ def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: T
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=progress)
 
     def commit() -> None:  # the checkpoint loaded: from here on the run is this config's
-        run.remove_orphan_temporaries()
-        atomic_write_text(run.config, dump_config(resolved))
+        distributed.broadcast_module(generator)  # every rank starts from rank 0's parameters
+        if distributed.is_main():
+            run.remove_orphan_temporaries()
+            atomic_write_text(run.config, dump_config(resolved))
 
     if target.molecule is not None and config.coordinates.reject_wrong_chirality and not used:
         # Without data nothing else keeps the flow from the mirror image (same energy): D states get
@@ -153,6 +175,16 @@ def check_flow(config: Config) -> None:
         raise ConfigError(f"flow.type: {config.flow.type} cannot transform the torsions (circular coordinates) of "
                           f"coordinates.type {config.coordinates.type}; use neural_spline, or maf/iaf with "
                           "autoregressive.transformer spline")
+
+
+def check_launch(config: Config) -> None:
+    """Under torchrun with several processes, a one-line ConfigError when the config cannot be split
+    over them: a data-free stage, or a training or sampling batch the number of processes does not divide."""
+    check_stages_distributable(config.training)
+    distributed.local_batch(config.sampling.batch, "sampling.batch")
+    if config.sampling.n < distributed.world().size:
+        raise ConfigError(f"sampling.n: {config.sampling.n} samples cannot be split over the "
+                          f"{distributed.world().size} processes of this launch")
 
 
 def trains_on_data(config: Config) -> bool:

@@ -338,7 +338,7 @@ def test_float32_run_keeps_the_energy_in_float64(tmp_path, monkeypatch):
         captured.update({name: value.clone() for name, value in generator.energy.named_buffers()})
         raise KeyboardInterrupt  # nothing after training is needed here
 
-    monkeypatch.setattr(train_module, "draw_samples", capture)
+    monkeypatch.setattr(train_module, "draw_samples_distributed", capture)
     args = train_args(tmp_path / "run", "--set", "dtype=float32", "--set", "baseline.steps=50",
                       "--set", "baseline.warmup=10", "--set", "training[0].steps=2", "--set", "training[1].steps=2",
                       config=MUELLER_BROWN)
