@@ -149,6 +149,18 @@ class DoubleWell(AnalyticEnergy):
         return self.a * x0**4 - self.b * x0**2 + self.c * x0 + 0.5 * x1**2
 
 
+#: The standard Mueller-Brown constants (Müller & Brown 1979), shared by :class:`MuellerBrown` and the
+#: OpenMM particle of :mod:`boltzgen.energies.particle`.
+MUELLER_BROWN_CONSTANTS: dict[str, list[float]] = {
+    "A": [-200.0, -100.0, -170.0, 15.0],
+    "a": [-1.0, -1.0, -6.5, 0.7],
+    "b": [0.0, 0.0, 11.0, 0.6],
+    "c": [-10.0, -10.0, -6.5, 0.7],
+    "x0": [1.0, 0.0, -0.5, -1.0],
+    "y0": [0.0, 0.5, 1.5, 1.0],
+}
+
+
 class MuellerBrown(AnalyticEnergy):
     """u(x) = beta * V(x), the Mueller-Brown potential with its standard constants:
     ``V(x) = sum_k A_k exp(a_k dx_k^2 + b_k dx_k dy_k + c_k dy_k^2)`` with ``dx_k = x0 - x0_k`` and
@@ -159,15 +171,7 @@ class MuellerBrown(AnalyticEnergy):
     def __init__(self, beta: float = 0.1) -> None:
         super().__init__()
         self.beta = beta
-        constants = {
-            "A": [-200.0, -100.0, -170.0, 15.0],
-            "a": [-1.0, -1.0, -6.5, 0.7],
-            "b": [0.0, 0.0, 11.0, 0.6],
-            "c": [-10.0, -10.0, -6.5, 0.7],
-            "x0": [1.0, 0.0, -0.5, -1.0],
-            "y0": [0.0, 0.5, 1.5, 1.0],
-        }
-        for name, values in constants.items():
+        for name, values in MUELLER_BROWN_CONSTANTS.items():
             self.register_buffer(f"_{name}", torch.tensor(values, dtype=torch.float64))
 
     def reduced_energy(self, x: Tensor) -> Tensor:

@@ -14,11 +14,13 @@ from typing import Any
 import numpy as np
 import torch
 
+from boltzgen import distributed
 from boltzgen.config import (
     Config,
     DoubleWellSystem,
     GaussianMixtureSystem,
     ManyWellSystem,
+    MuellerBrownParticleSystem,
     MuellerBrownSystem,
     OpenMMSystem,
     load_config,
@@ -47,12 +49,12 @@ from boltzgen.states import (
 
 
 def select_device(name: str) -> torch.device:
-    """``auto`` -> CUDA when present, else CPU."""
+    """``auto`` -> CUDA when present, else CPU; under torchrun CUDA is the GPU of the rank's local rank."""
     if name == "cuda" and not torch.cuda.is_available():
         raise RunError("device: cuda was asked for, but torch sees no CUDA device; use device: auto or cpu")
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    return distributed.rank_device(torch.device(name))
 
 
 @dataclass
@@ -146,23 +148,47 @@ def build_target(config: Config) -> Target:
         target = Target(ManyWell(spec.dim), states)
     elif isinstance(spec, GaussianMixtureSystem):
         target = Target(GaussianMixture(spec.n_modes, spec.loc_scale, spec.scale, spec.seed), states)
+    elif isinstance(spec, MuellerBrownParticleSystem):
+        target = _particle_target(config, states)
     else:
         target = _molecule_target(config, states)
     _check_states_can_be_reached(target)
     return target
 
 
+def _check_platforms(config: Config) -> None:
+    """A RunError naming the first OpenMM platform the config asks for that is not installed here."""
+    from boltzgen.energies.openmm import available_platforms
+
+    platforms = available_platforms()
+    for key, name in (("system.platform", config.system.platform), ("md.platform", config.md.platform),
+                      ("umbrella.platform", config.umbrella.platform), ("remd.platform", config.remd.platform)):
+        if name != "auto" and name not in platforms:
+            raise RunError(f"{key}: OpenMM platform {name} is not available here; available: {', '.join(platforms)}")
+
+
+def _particle_target(config: Config, states: dict[str, StateDefinition]) -> Target:
+    """The Mueller-Brown particle: an OpenMM system (MD, umbrella, replica exchange) whose energy is
+    analytic (exact ΔF and log Z); its CVs are its coordinates x0, x1, x2 (nm)."""
+    from boltzgen.energies.particle import MuellerBrownParticle, build_mueller_brown_particle
+
+    spec = config.system
+    assert isinstance(spec, MuellerBrownParticleSystem)
+    _check_platforms(config)
+    if config.coordinates.type != "identity":
+        raise RunError(f"coordinates.type: {config.coordinates.type} is for molecules with bonds; the Mueller-Brown "
+                       "particle takes coordinates.type identity")
+    molecule = build_mueller_brown_particle(spec.beta, spec.temperature_K, spec.mass_amu, spec.z_sigma_nm)
+    return Target(MuellerBrownParticle(molecule, spec.beta, spec.z_sigma_nm, spec.platform), states, molecule)
+
+
 def _molecule_target(config: Config, states: dict[str, StateDefinition]) -> Target:
-    from boltzgen.energies.openmm import OpenMMEnergy, available_platforms
+    from boltzgen.energies.openmm import OpenMMEnergy
     from boltzgen.energies.openmm import build_system as build_molecule
 
     spec = config.system
     assert isinstance(spec, OpenMMSystem)
-    platforms = available_platforms()
-    for key, name in (("system.platform", spec.platform), ("md.platform", config.md.platform),
-                      ("umbrella.platform", config.umbrella.platform)):
-        if name != "auto" and name not in platforms:
-            raise RunError(f"{key}: OpenMM platform {name} is not available here; available: {', '.join(platforms)}")
+    _check_platforms(config)
     molecule = build_molecule(spec.pdb, spec.forcefield, spec.temperature_K)
     try:
         torsions = backbone_torsions(molecule.mdtraj_topology)
