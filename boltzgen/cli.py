@@ -12,8 +12,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from boltzgen import distributed
 from boltzgen.config import MAX_BATCH, MAX_CHAINS, MAX_SAMPLES, MAX_STEPS, SEED_MAX
-from boltzgen.errors import USER_ERRORS, RunError, describe_environment_error
+from boltzgen.errors import USER_ERRORS, ConfigError, RunError, describe_environment_error
 from boltzgen.runs.rundir import RunDir
 from boltzgen.runs.summaries import FreeEnergyRow, MCMCSummary
 
@@ -110,8 +111,14 @@ def build_parser() -> argparse.ArgumentParser:
                                     "identical run is reused. `boltzgen train` reuses <run>/md/md.h5.")
     _add_config_options(md)
     md.add_argument("--umbrella", action="store_true",
-                    help="instead of plain MD, run the umbrella-sampling reference along phi (config `umbrella:`) "
-                         "into <run>/umbrella/; `train` and `compare` pick it up")
+                    help="instead of plain MD, run umbrella sampling as the config's `umbrella:` says: the flattening "
+                         "bias along phi into <run>/umbrella/ (the default), or harmonic windows on a grid of one "
+                         "or two CVs (umbrella: {cvs: [phi, psi]}) into <run>/umbrella_<cvs>/; `compare` picks "
+                         "them up")
+    md.add_argument("--remd", action="store_true",
+                    help="instead of plain MD, run temperature replica exchange (config `remd:`, openmmtools) into "
+                         "<run>/remd/: ΔF at the target temperature by MBAR over all replicas, exchange acceptance, "
+                         "round trips and cis-peptide fraction; an interrupted run resumes from its last checkpoint")
 
     check = sub.add_parser("check-energy", help="compare the torch force field with OpenMM on perturbed configurations",
                            description="Evaluates the torch energy and forces and OpenMM's (Reference platform) on N "
@@ -139,7 +146,9 @@ def _add_job_commands(sub: Any) -> None:
                                         "other temperatures by MBAR) and plots/sample_fes*.png. Prints a WARNING "
                                         "when k̂ > 0.7 (the weighted estimates are then unreliable).")
     sample.add_argument("run_dir", type=Path, help="a run directory written by `boltzgen train`")
-    sample.add_argument("--n", type=_count(1, MAX_SAMPLES), required=True, help="number of samples, e.g. 10000000")
+    # -n: under torchrun, whose own parser takes --n for an ambiguous abbreviation of its options.
+    sample.add_argument("-n", "--n", type=_count(1, MAX_SAMPLES), required=True,
+                        help="number of samples, e.g. 10000000 (-n N under torchrun)")
     sample.add_argument("--batch", type=_count(1, MAX_BATCH),
                         help="samples per batch (default: sampling.batch of the run's config)")
     sample.add_argument("--out", type=Path, help="samples file (default RUN_DIR/samples.h5, which is replaced)")
@@ -264,21 +273,64 @@ def _cmd_train(args: argparse.Namespace) -> int:
     config, resolved = load_config(args.config, args.overrides)
     run = RunDir(args.out or Path("runs") / config.name)
     summary = train(config, resolved, run, resume=args.resume, force=args.force, progress=not args.no_progress)
-    _print_summary(summary, run.path)
+    if summary is not None:  # None on the ranks of a launch other than 0
+        _print_summary(summary, run.path)
     return 0
 
 
 def _cmd_md(args: argparse.Namespace) -> int:
     from boltzgen.config import load_config
-    from boltzgen.runs.baselines import md_job, umbrella_job
+    from boltzgen.runs.baselines import md_job
+    from boltzgen.runs.remd import remd_job
+    from boltzgen.runs.umbrella import umbrella_job
 
+    if args.umbrella and args.remd:
+        raise _UsageError("boltzgen md: --umbrella and --remd are two different baselines; give one of them")
     config, resolved = load_config(args.config, args.overrides)
     run = RunDir(args.out or Path("runs") / config.name)
-    if args.umbrella:
-        _print_summary(umbrella_job(config, resolved, run, progress=not args.no_progress), run.umbrella.path)
+    if args.remd:
+        _refuse_launch("md --remd")
+        _print_remd(remd_job(config, resolved, run, progress=not args.no_progress), run.remd.path)
+    elif args.umbrella:
+        if config.umbrella.method == "windows":  # its window grid is not shared out over ranks
+            _refuse_launch("md --umbrella (umbrella.method windows)")
+        summary = umbrella_job(config, resolved, run, progress=not args.no_progress and distributed.is_main())
+        if distributed.is_main():
+            _print_umbrella(summary, run.umbrella_folder(config.umbrella.method, config.umbrella.cv_names).path)
     else:
+        _refuse_launch("md (plain MD, without --umbrella)")
         _print_summary(md_job(config, resolved, run, progress=not args.no_progress), run.md.path)
     return 0
+
+
+def _print_remd(summary: Any, out_dir: Path) -> None:
+    """The replica exchange lines before the common summary: ladder, acceptance, round trips, cis bonds."""
+    acceptance = ", ".join(f"{a:.2f}" if math.isfinite(a) else "n/a" for a in summary.pair_acceptance)
+    tau = f"{summary.tau_int_iterations:.1f}" if math.isfinite(summary.tau_int_iterations) else "inf"
+    lines = [f"ladder [K]        {', '.join(f'{t:.1f}' for t in summary.temperatures_K)}",
+             f"acceptance        {acceptance} (neighbouring pairs)",
+             f"round trips       {summary.round_trips_total} ({', '.join(map(str, summary.round_trips))} per replica)",
+             f"MBAR frames       {summary.n_samples:,} (n_eff at {summary.target_temperature_K:g} K: {summary.n_eff:,.0f})",
+             f"tau_int           {tau} iterations; jackknife blocks of {summary.block_iterations} iterations"]
+    if summary.cis_fraction is not None:
+        lines.append(f"cis peptide       {summary.cis_fraction:.4f} of frames ({summary.n_cis_frames:,}), "
+                     + ("kept" if summary.keep_cis else "left out (remd.keep_cis: false)"))
+    print("\n".join(lines))
+    _print_summary(summary, out_dir)
+
+
+def _print_umbrella(summary: Any, out_dir: Path) -> None:
+    """The umbrella summary's lines, the errors behind ΔF, and its warnings (on stderr)."""
+    _print_summary(summary, out_dir)
+    for row in summary.free_energies:
+        if row.stderr_bootstrap_kT is not None:
+            print(f"ΔF {row.from_}→{row.to} errors    MBAR {row.stderr_analytic_kT:.4f}, block bootstrap "
+                  f"{row.stderr_bootstrap_kT:.4f} kT; halves {', '.join(f'{h:+.4f}' for h in row.halves_kT or [])}")
+    for check in summary.md_agreement or []:
+        print(f"vs plain MD       {check.cv}: RMSE {check.rmse_kT:.3f} kT over {check.n_bins} converged bins, "
+              f"max |z| {check.max_abs_z:.1f}, p = {check.p_value:.2g}")
+    for warning in summary.warnings or []:
+        print(f"WARNING: {warning}", file=sys.stderr)
 
 
 def _cmd_check_energy(args: argparse.Namespace) -> int:
@@ -320,7 +372,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     from boltzgen.runs.sample import sample_job
 
     summary = sample_job(RunDir(args.run_dir), args.n, batch=args.batch, out=args.out, weights=args.weights,
-                         seed=args.seed, progress=not args.no_progress, temperatures=args.temperatures)
+                         seed=args.seed, progress=not args.no_progress and distributed.is_main(),
+                         temperatures=args.temperatures)
+    if summary is None:  # a rank of a launch other than 0: rank 0 reports
+        return 0
     khat = summary.pareto_khat
     ess_obs = ", ".join(f"{key} {value:.3f}" if math.isfinite(value) else f"{key} inf"
                         for key, value in summary.ess_per_observable.items())
@@ -333,9 +388,10 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     ]))
     _print_summary(summary, args.run_dir)
     if not khat <= KHAT_UNRELIABLE:
-        print(f"WARNING: Pareto k̂ = {round(khat, 3) if math.isfinite(khat) else khat} > {KHAT_UNRELIABLE}: the "
-              "importance weights have a heavy tail and the weighted estimates are unreliable; train longer or use "
-              "MCMC (`boltzgen mcmc`)", file=sys.stderr)
+        tail = (f"Pareto k̂ = {khat:.3f} > {KHAT_UNRELIABLE}: the importance weights have a heavy tail" if
+                math.isfinite(khat) else "Pareto k̂ is undefined (too few samples carry weight to fit the tail)")
+        print(f"WARNING: {tail} and the weighted estimates are unreliable; train longer or use MCMC "
+              "(`boltzgen mcmc`)", file=sys.stderr)
     return 0
 
 
@@ -372,6 +428,14 @@ def _cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def _refuse_launch(command: str) -> None:
+    """A ConfigError when ``command``, which runs in one process, was launched on several (torchrun)."""
+    size = distributed.world().size
+    if size > 1:
+        raise ConfigError(f"`boltzgen {command}` runs in one process, not on the {size} of this launch; run it "
+                          "without torchrun (train, sample and md --umbrella run distributed)")
+
+
 COMMANDS = {"train": _cmd_train, "md": _cmd_md, "check-energy": _cmd_check_energy, "sample": _cmd_sample,
             "mcmc": _cmd_mcmc, "compare": _cmd_compare}
 
@@ -392,16 +456,40 @@ def _disk_is_full(folder: Path) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; bad input and faults of the environment end in one line on stderr and exit 2."""
+    """Run one command; bad input and faults of the environment end in one line on stderr and exit 2.
+
+    Under torchrun every rank runs it, and the ranks leave together; after an error they wait only a
+    moment for each other, so that rank 0 has printed its line before torchrun, which stops every rank
+    once one fails, stops it.
+    """
+    rank = _launch_rank()
+    try:
+        code = _run_command(argv, rank)
+        if code == 0:
+            distributed.barrier()  # ranks leave together: none closes its connections while another still uses them
+        else:
+            distributed.wait_for_ranks()
+        return code
+    finally:
+        distributed.stop()
+
+
+def _run_command(argv: list[str] | None, rank: int) -> int:
     try:
         args = build_parser().parse_args(argv)
+        distributed.start()
+        if args.command in ("mcmc", "compare", "check-energy"):
+            _refuse_launch(args.command)
         return COMMANDS[args.command](args)
-    except _UsageError as exc:
+    except (_UsageError, ConfigError) as exc:
+        if rank != 0:  # every rank reads the same command line and config: rank 0 says it once
+            return EXIT_BAD_INPUT
         message = str(exc)
     except USER_ERRORS as exc:
         message = str(exc)
     except KeyboardInterrupt:
-        print("\nboltzgen: interrupted; the last checkpoint is kept; continue with --resume", file=sys.stderr)
+        if rank == 0:
+            print("\nboltzgen: interrupted; the last checkpoint is kept; continue with --resume", file=sys.stderr)
         return EXIT_INTERRUPTED
     except (OSError, MemoryError, RuntimeError) as exc:
         message = describe_environment_error(exc)
@@ -413,8 +501,16 @@ def main(argv: list[str] | None = None) -> int:
             return _internal_error(exc)
     except Exception as exc:  # noqa: BLE001 - a bug: one line, the traceback on request
         return _internal_error(exc)
-    print(f"boltzgen: error: {message}", file=sys.stderr)
+    print(f"boltzgen: error: {'' if rank == 0 else f'rank {rank}: '}{message}", file=sys.stderr)
     return EXIT_BAD_INPUT
+
+
+def _launch_rank() -> int:
+    """This process's rank under torchrun (0 otherwise, or when the variable is not a number)."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def _internal_error(exc: BaseException) -> int:

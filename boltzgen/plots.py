@@ -237,3 +237,25 @@ def stage_diagnostics(rows: list[dict[str, float]], path: Path, exact_log_z: flo
         ax.legend(fontsize=7)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def remd_mixing(temperatures_K: np.ndarray, acceptance: np.ndarray, states: np.ndarray, round_trips: np.ndarray,
+                path: Path, n_replicas: int = 4) -> Path:
+    """Replica exchange diagnostics: the exchange acceptance of each neighbouring pair of the ladder
+    (``temperatures_K`` ``[K]`` K, ``acceptance`` ``[K - 1]``), and the rung of the first ``n_replicas``
+    replicas against the iteration (``states`` ``[T, R]``), with each replica's ``round_trips`` ``[R]``."""
+    fig, (ax_acc, ax_walk) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={"width_ratios": [1, 2]})
+    labels = [f"{a:.0f}-{b:.0f}" for a, b in zip(temperatures_K[:-1], temperatures_K[1:])]
+    ax_acc.bar(range(len(acceptance)), acceptance, color="C0")
+    ax_acc.set_xticks(range(len(acceptance)), labels, rotation=45, ha="right", fontsize=8)
+    ax_acc.set_ylim(0, 1)
+    ax_acc.set_xlabel("pair of temperatures [K]")
+    ax_acc.set_ylabel("exchange acceptance")
+    for r in range(min(n_replicas, states.shape[1])):
+        ax_walk.plot(states[:, r], lw=0.6, label=f"replica {r}: {int(round_trips[r])} round trips")
+    ax_walk.set_yticks(range(len(temperatures_K)), [f"{t:.0f}" for t in temperatures_K], fontsize=8)
+    ax_walk.set_xlabel("iteration")
+    ax_walk.set_ylabel("temperature [K]")
+    ax_walk.legend(fontsize=7, loc="upper right")
+    fig.suptitle(f"replica exchange: {int(np.sum(round_trips))} round trips in all")
+    return _save(fig, path)

@@ -15,8 +15,8 @@ import numpy as np
 import openmm
 import torch
 
-from boltzgen import plots
-from boltzgen.config import Config, OpenMMSystem, dump_config
+from boltzgen import distributed, plots
+from boltzgen.config import Config, MuellerBrownParticleSystem, OpenMMSystem, dump_config
 from boltzgen.energies.base import Energy
 from boltzgen.errors import RunError
 from boltzgen.estimators.free_energy import delta_f_blocked
@@ -164,9 +164,10 @@ def run_md(config: Config, target: Target, folder: MDDir, progress: bool) -> Tra
     """
     from boltzgen.simulation.langevin import load_md
 
-    spec, md = config.system, config.md
-    assert isinstance(spec, OpenMMSystem)
+    md = config.md
+    assert target.molecule is not None
     helpers: list = []  # runs that cost evaluations but give no training frames (the hot MD)
+    target_T = target.molecule.temperature_K
     if md.data is not None:
         try:
             results = [load_md(md.data)]
@@ -178,7 +179,7 @@ def run_md(config: Config, target: Target, folder: MDDir, progress: bool) -> Tra
                            "give an MD file of this molecule")
     else:
         folder.path.mkdir(parents=True, exist_ok=True)
-        results = [_langevin(config, target, target.molecule.positions_nm, md.temperature_K or spec.temperature_K,
+        results = [_langevin(config, target, target.molecule.positions_nm, md.temperature_K or target_T,
                              md.steps, folder.trajectory, progress)]
         if md.seed_states:
             seeded, hot = _seeded_state_runs(config, target, results[0], folder, progress)
@@ -190,7 +191,6 @@ def run_md(config: Config, target: Target, folder: MDDir, progress: bool) -> Tra
     if bad.any():
         raise RunError(f"{results[0].h5}: {int(bad.sum())} MD frame(s) have NaN coordinates (first: frame "
                        f"{int(np.flatnonzero(bad)[0])}); rerun the MD with a smaller md.timestep_fs")
-    target_T = spec.temperature_K
     u_target = np.concatenate([r.potential_energy_kJ_mol for r in results]) / target.molecule.kT_kJ_per_mol
     md_T = results[0].temperature_K
     log_w = None if abs(md_T - target_T) < 1e-9 else -(u_target - u_target * target_T / md_T)
@@ -231,8 +231,28 @@ def phi_profile(phi: np.ndarray, log_w: np.ndarray | None) -> tuple[np.ndarray, 
 
 
 def _require_molecule(config: Config, what: str) -> None:
-    if not isinstance(config.system, OpenMMSystem):
+    if not isinstance(config.system, (OpenMMSystem, MuellerBrownParticleSystem)):
         raise RunError(f"{what} needs an OpenMM system; {config.system.type} uses the MALA baseline in `train`")
+
+
+#: Bins per dimension of the (x0, x1) free-energy plots of the Mueller-Brown particle.
+XY_BINS = 60
+
+
+def xy_fes_plot(target: Target, x0: np.ndarray, x1: np.ndarray, log_w: np.ndarray | None, label: str,
+                path: Any) -> None:
+    """F(x0, x1) in kT of frames ``x0``, ``x1`` ``[n]`` (nm) with log-weights ``log_w`` ``[n]`` (None:
+    equal), beside the exact one by quadrature (the target's energy is analytic: the particle)."""
+    energy = target.energy
+    edges = [np.linspace(*energy.cv_range(d), XY_BINS + 1) for d in (0, 1)]
+    weights = None if log_w is None else np.exp(log_w - np.max(log_w))
+    h, _, _ = np.histogram2d(x0, x1, bins=edges, weights=weights)
+    with np.errstate(divide="ignore"):
+        f = -np.log(h / h.sum())
+        f_exact = -np.log(energy.bin_probabilities(edges[0], edges[1]))
+    panels = [("exact (quadrature)", edges[0], edges[1], f_exact - np.min(f_exact)),
+              (label, edges[0], edges[1], f - np.min(f[np.isfinite(f)]))]
+    plots.fes_2d(panels, path, labels=("x0 [nm]", "x1 [nm]"))
 
 
 def md_job(config: Config, resolved: dict[str, Any], run: RunDir, progress: bool = True) -> MDSummary:
@@ -251,12 +271,17 @@ def md_job(config: Config, resolved: dict[str, Any], run: RunDir, progress: bool
     data = run_md(config, target, folder, progress).plain()
     log_w = np.zeros(len(data.u)) if data.log_w is None else data.log_w
     cvs = target.cvs(data.x)
-    plots.ramachandran([(data.source, cvs["phi"], cvs["psi"], None)], folder.plot("ramachandran"))
-    plots.free_energy_profiles([(data.source, *phi_profile(cvs["phi"], data.log_w))], folder.plot("phi_profile"))
+    if target.torsions is None:  # the Mueller-Brown particle: its CVs are its coordinates
+        xy_fes_plot(target, cvs["x0"], cvs["x1"], data.log_w, data.source, folder.plot("fes"))
+        observables = {name: cvs[name] for name in ("x0", "x1")}
+    else:
+        plots.ramachandran([(data.source, cvs["phi"], cvs["psi"], None)], folder.plot("ramachandran"))
+        plots.free_energy_profiles([(data.source, *phi_profile(cvs["phi"], data.log_w))], folder.plot("phi_profile"))
+        observables = {name: np.cos(cvs[name]) for name in ("phi", "psi")}
     summary = MDSummary(
         name=config.name, source=data.source, ess=kish_ess(log_w), n_samples=len(data.u),
         n_nonfinite=count_nonfinite(log_w), free_energies=baseline_free_energies(target, data),
-        tau_int_frames={name: integrated_autocorrelation_time(np.cos(cvs[name])) for name in ("phi", "psi")},
+        tau_int_frames={name: integrated_autocorrelation_time(values) for name, values in observables.items()},
         energy_evaluations={"md": data.energy_evaluations, "total": data.energy_evaluations},
         md_wall_seconds=data.wall_seconds, wall_seconds=time.perf_counter() - started,
     )
@@ -304,7 +329,8 @@ def umbrella_job(config: Config, resolved: dict[str, Any], run: RunDir, progress
     )
     summary = umbrella_summary(result, molecule.temperature_K, target.pairs[0], cfg.stage1_k_kJ_per_mol_rad2,
                                cfg.stage1_steps_per_window, settings)
-    summary.write(folder.summary)
+    if distributed.is_main():  # under torchrun every rank ran its share of the windows and repeats
+        summary.write(folder.summary)
     return summary
 
 
@@ -316,11 +342,14 @@ def umbrella_summary(result: Any, temperature_K: float, pair: tuple[str, str], s
     est = result.estimate
     n_repeats = settings["n_repeats"]
     spread = est.repeat_spread_kT
+    # The repeats' spread sees correlation longer than a jackknife block; the larger error is reported.
+    from_repeats = spread / np.sqrt(n_repeats)
     row = UmbrellaFreeEnergyRow(
-        from_=pair[0], to=pair[1], delta_f_kT=est.delta_f_kT, stderr_kT=est.stderr_kT, n_eff=est.n_eff,
-        repeats_kT=list(est.repeat_delta_f_kT), repeats_stderr_kT=list(est.repeat_stderr_kT),
-        repeat_spread_kT=spread, stderr_from_repeats_kT=spread / np.sqrt(n_repeats), p_b=est.p_b,
-        error_method=f"block jackknife, {settings['n_blocks']} blocks x {n_repeats} repeats")
+        from_=pair[0], to=pair[1], delta_f_kT=est.delta_f_kT, stderr_kT=float(np.fmax(est.stderr_kT, from_repeats)),
+        n_eff=est.n_eff, repeats_kT=list(est.repeat_delta_f_kT), repeats_stderr_kT=list(est.repeat_stderr_kT),
+        repeat_spread_kT=spread, stderr_from_repeats_kT=from_repeats, p_b=est.p_b,
+        error_method=f"max(block jackknife, {settings['n_blocks']} blocks x {n_repeats} repeats; spread of the repeats "
+                     "/ sqrt(repeats))")
     stage1_profile = result.stage1_profile
     stage1 = {"delta_f_kT": result.stage1_delta_f_kT, "stderr_kT": result.stage1_stderr_kT,
               "centers_rad": result.stage1_centers_rad, "k_kJ_per_mol_rad2": float(stage1_k),

@@ -8,8 +8,17 @@ Methods, each present only when its files are:
 - **MCMC**: every ``mcmc*/`` folder (``boltzgen mcmc``, ``--out <run>/mcmc_hmc`` etc.) with its chains.
 - **MD**: the MD folder's summary (or ``--md DIR``) with its trajectory for molecules; for analytic
   systems, the baseline MALA block of the train summary (no data file is kept for it).
-- **umbrella sampling**: the umbrella folder's summary (or the ``umbrella`` block of the train summary).
+- **umbrella sampling**: every ``umbrella*/`` folder's summary (the flattening bias along phi, windows on
+  a grid of one or two CVs), or the ``umbrella`` block of the train summary.
+- **replica exchange**: the ``remd/`` folder's summary, with its reweighted frames.
 - **exact**: quadrature, for analytic systems.
+
+A baseline is one function in :data:`BASELINES` that reads its summary and appends its row (and its
+profile on the shared bins, when it has samples or a profile); nothing else needs to know it.
+
+Every pair of methods is compared (:mod:`boltzgen.runs.pairs`): the difference of their ΔF in combined standard errors
+(``sqrt(se_a^2 + se_b^2)``; a pair more than 3 apart is flagged, in the table and in ``pairs`` of the
+JSON) and the RMSE between their profiles along the first CV, over the bins both populate.
 
 Reference for the FES RMSE and the Jensen-Shannon divergence: the exact quadrature density for
 analytic systems, MD (reweighted to the target temperature if run at another one) for molecules.
@@ -45,13 +54,16 @@ from boltzgen.runs.summaries import (
     FreeEnergyRow,
     MCMCSummary,
     MDSummary,
+    RemdSummary,
     SampleSummary,
     TrainSummary,
     UmbrellaSummary,
 )
+from boltzgen.runs.pairs import DISAGREE_SIGMA, compare_pairs, pairs_table
 from boltzgen.runs.target import Target, build_target
+from boltzgen.runs.umbrella import md_log_weights
 from boltzgen.states import backbone_torsions, resolve_states
-from boltzgen.trajectory import iter_positions, read_attributes, read_datasets, read_topology
+from boltzgen.trajectory import iter_positions, read_datasets, read_topology
 
 TARGET_STDERR_KT = 0.1
 #: a reference bin is "populated" when it holds at least this fraction of the probability
@@ -113,14 +125,25 @@ class _Grid:
             out["js_divergence"] = jensen_shannon(h2, self.ref_h2)
         return out
 
-    def profile_on_grid(self, centers: np.ndarray, f: np.ndarray) -> np.ndarray:
-        """A profile mapped onto the 1-D bins (the bin holding each centre; ``inf`` elsewhere)."""
-        out = np.full(self.centers_1d.shape, np.inf)
-        idx = np.clip(np.searchsorted(self.edges_1d, centers, side="right") - 1, 0, len(out) - 1)
-        for i, value in zip(idx, f):
-            if np.isfinite(value):
-                out[i] = value
-        return out
+    def profile_on_grid(self, centers: np.ndarray, f: np.ndarray,
+                        stderr: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """A profile ``-ln p`` (kT) at ``centers`` mapped onto the 1-D bins: finer bins are merged by
+        adding their probabilities (``inf`` where no centre falls), with the error propagated as from
+        independent bins. Returns ``(f [bins], stderr [bins])``."""
+        n = len(self.centers_1d)
+        f = np.asarray(f, dtype=np.float64)
+        se = np.full(f.shape, np.nan) if stderr is None else np.asarray(stderr, dtype=np.float64)
+        idx = np.clip(np.searchsorted(self.edges_1d, centers, side="right") - 1, 0, n - 1)
+        finite = np.isfinite(f)
+        if not finite.any():
+            return np.full(n, np.inf), np.full(n, np.nan)
+        p = np.where(finite, np.exp(-(np.where(finite, f, 0.0) - f[finite].min())), 0.0)
+        total = np.bincount(idx, weights=p, minlength=n)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            merged = -np.log(total)
+            merged_se = np.sqrt(np.bincount(idx, weights=(p * np.where(np.isfinite(se), se, np.nan)) ** 2,
+                                            minlength=n)) / total
+        return merged, np.where(total > 0, merged_se, np.nan)
 
 
 @dataclass
@@ -135,6 +158,8 @@ class _Comparison:
     rows: list[dict[str, Any]] = field(default_factory=list)
     curves: list[Curve] = field(default_factory=list)
     panels: list[Panel] = field(default_factory=list)
+    #: each method's profile on the shared 1-D bins and its effective samples per bin (None: unknown)
+    profiles: dict[str, tuple[np.ndarray, np.ndarray | None]] = field(default_factory=dict)
 
     @property
     def molecule(self) -> bool:
@@ -159,6 +184,7 @@ class _Comparison:
         """FES and JS scores of a method's samples against the reference, and its curves for the plots."""
         fes, h2 = self.grid.histograms(cvs, log_w)
         row.update(self.grid.scores(np.asarray(fes.f_kT), h2, np.asarray(fes.n_eff)))
+        self.profiles[row["method"]] = (np.asarray(fes.f_kT), np.asarray(fes.n_eff))
         self.add_curves(label, fes, h2)
 
     def add_curves(self, label: str, fes: FreeEnergySurface, h2: np.ndarray | None) -> None:
@@ -215,6 +241,7 @@ def _add_exact(c: _Comparison) -> dict[tuple[str, str], float] | None:
     p1 = energy.bin_probabilities(grid.edges_1d, grid.edges_2d[1]).sum(axis=1)
     f1 = shifted_free_energy(p1 / np.diff(grid.edges_1d))
     grid.set_reference("exact quadrature", f1, p1, p2)
+    c.profiles["exact (quadrature)"] = (f1, None)
     c.curves.append(("exact (quadrature)", grid.centers_1d, f1, None))
     c.panels.append(("exact (quadrature)", grid.edges_2d[0], grid.edges_2d[1], shifted_free_energy(p2)))
     rows = [FreeEnergyRow(from_=a, to=b, delta_f_kT=v, stderr_kT=0.0) for (a, b), v in exact.items()]
@@ -243,24 +270,15 @@ def _add_md(c: _Comparison, md: MDDir) -> None:
                    wall_seconds=baseline.wall_seconds, reference=False)
     if trajectory.is_file():
         cvs = c.read_cvs(trajectory)
-        log_w = _md_log_weights(trajectory)
+        log_w = md_log_weights(trajectory)
         fes, h2 = c.grid.histograms(cvs, log_w)
         weights = None if log_w is None else normalized_weights(log_w)
         p1 = np.histogram(cvs[c.grid.names[0]], bins=c.grid.edges_1d, weights=weights)[0]
         c.grid.set_reference("MD", np.asarray(fes.f_kT), p1.astype(float), h2)
+        c.profiles[row["method"]] = (np.asarray(fes.f_kT), np.asarray(fes.n_eff))
         row["reference"] = True
         c.add_curves("MD", fes, h2)
     c.rows.append(row)
-
-
-def _md_log_weights(trajectory: Path) -> np.ndarray | None:
-    """Log-weights to the target temperature of MD run at another one (``None`` at the target)."""
-    attrs = read_attributes(trajectory)
-    t_md, t_target = attrs.get("temperature_K"), attrs.get("target_temperature_K")
-    if t_md is None or t_target is None or abs(float(t_md) - float(t_target)) <= 1e-9:
-        return None
-    u_target = read_datasets(trajectory, ["reduced_energy"])["reduced_energy"]
-    return -(u_target - u_target * float(t_target) / float(t_md))
 
 
 def _add_importance_sampling(c: _Comparison, sample: SampleSummary | None) -> None:
@@ -307,18 +325,53 @@ def _add_mala(c: _Comparison) -> None:
                        wall_seconds=block.wall_seconds))
 
 
-def _add_umbrella(c: _Comparison) -> None:
-    umbrella = _read_optional(UmbrellaSummary, c.run.umbrella.summary) or (c.train.umbrella if c.train else None)
-    if umbrella is None:
-        return
-    row = _row(UMBRELLA, c.run.umbrella.summary, umbrella.free_energies, ess=None,
-               energy_evaluations=umbrella.energy_evaluations.get("total"), wall_seconds=umbrella.wall_seconds)
-    if c.molecule:
-        centers = np.asarray(umbrella.profile.centers_rad, dtype=float)
-        f = np.asarray(umbrella.profile.f_kT, dtype=float)
-        row.update(c.grid.scores(c.grid.profile_on_grid(centers, f), None))
-        c.curves.append((UMBRELLA, centers, f, np.asarray(umbrella.profile.stderr_kT, dtype=float)))
+def _add_umbrellas(c: _Comparison) -> None:
+    """Every ``umbrella*/`` folder; the train summary's umbrella block when its folder is gone."""
+    found = [(folder.summary, UmbrellaSummary.read(folder.summary)) for folder in c.run.umbrella_runs()]
+    if not any(path == c.run.umbrella.summary for path, _ in found) and c.train is not None and c.train.umbrella:
+        found.insert(0, (c.run.umbrella.summary, c.train.umbrella))
+    for source, umbrella in found:
+        _add_umbrella(c, source, umbrella)
+
+
+def _add_umbrella(c: _Comparison, source: Path, umbrella: UmbrellaSummary) -> None:
+    """One umbrella sampling: its row, its profile along the first CV of the grid, its 2-D surface."""
+    label = umbrella.label
+    row = _row(label, source, umbrella.free_energies, ess=None, n_samples=umbrella.n_samples,
+               energy_evaluations=umbrella.energy_evaluations.get("total"), wall_seconds=umbrella.wall_seconds,
+               warnings=umbrella.warnings)
+    cv = c.grid.names[0]
+    profile = (umbrella.profiles or {}).get(cv) or (umbrella.profile if (umbrella.profile.cv or "phi") == cv else None)
+    if profile is not None:
+        centers = np.asarray(profile.centers_rad, dtype=float)
+        f, se = np.asarray(profile.f_kT, dtype=float), np.asarray(profile.stderr_kT, dtype=float)
+        f_grid, _ = c.grid.profile_on_grid(centers, f, se)
+        row.update(c.grid.scores(f_grid, None))
+        c.profiles[label] = (f_grid, None)
+        c.curves.append((label, centers, f, se))
+    surface = umbrella.fes_2d
+    if surface is not None and surface.cvs == c.grid.names[:2]:
+        f2 = np.asarray(surface.f_kT, dtype=float)
+        c.panels.append((label, np.asarray(surface.edges[0]), np.asarray(surface.edges[1]), f2))
     c.rows.append(row)
+
+
+def _add_remd(c: _Comparison) -> None:
+    """Temperature replica exchange: its row, and its frames reweighted to the target for the FES."""
+    remd = _read_optional(RemdSummary, c.run.remd.summary)
+    if remd is None:
+        return
+    label = "replica exchange (MBAR)"
+    row = _row(label, c.run.remd.summary, remd.free_energies, ess=remd.n_eff, n_samples=remd.n_samples,
+               energy_evaluations=remd.energy_evaluations.get("total"), wall_seconds=remd.wall_seconds)
+    samples = c.run.resolve(remd.samples_file)
+    if samples.is_file():
+        c.score(row, label, c.read_cvs(samples), read_datasets(samples, ["log_w"])["log_w"])
+    c.rows.append(row)
+
+
+#: The baselines beside the flow, in table order: each reads its own summary and adds its row.
+BASELINES = (_add_mala, _add_umbrellas, _add_remd)
 
 
 # --- the command ---------------------------------------------------------------------------------------
@@ -356,8 +409,8 @@ def compare_job(run: RunDir, md_dir: Path | None = None) -> dict[str, Any]:
     _add_md(c, md)
     _add_importance_sampling(c, _read_optional(SampleSummary, run.sample_summary))
     _add_mcmc(c)
-    _add_mala(c)
-    _add_umbrella(c)
+    for add in BASELINES:
+        add(c)
     if all(r["method"].startswith("exact") for r in c.rows):
         raise RunError(f"{run.path}: no results to compare; run `boltzgen train`, `boltzgen sample` or `boltzgen mcmc` first")
     pair = c.target.pairs[0]
@@ -368,13 +421,15 @@ def compare_job(run: RunDir, md_dir: Path | None = None) -> dict[str, Any]:
         if exact is not None and row.get("delta_f_kT") is not None:
             row["error_vs_exact_kT"] = row["delta_f_kT"] - exact[pair]
     pair_label = f"{pair[0]}→{pair[1]}"
+    pairs = compare_pairs(c.rows, c.profiles, pair, min_probability=POPULATED, min_samples=MIN_BIN_SAMPLES)
     plot_files = _plots(c, pair_label)
-    table = _table(c.rows, pair_label, exact is not None)
+    table = _table(c.rows, pair_label, exact is not None) + "\n\n" + pairs_table(pairs, pair_label)
     result = json_safe({
         "name": c.name, "pair": list(pair),
         "reference": c.grid.ref_label or None, "target_stderr_kT": TARGET_STDERR_KT,
         "cost_scaling": "cost_0.1 = fixed + variable * (stderr / 0.1)^2 (error ~ 1/sqrt(cost); fixed = flow training)",
-        "methods": c.rows, "plots": [str(p) for p in plot_files],
+        "disagree_sigma": DISAGREE_SIGMA, "disagreements": [p for p in pairs if p["disagree"]],
+        "methods": c.rows, "pairs": pairs, "plots": [str(p) for p in plot_files],
         "exact_kT": None if exact is None else {f"{a}→{b}": v for (a, b), v in exact.items()},
     })
     atomic_write_json(run.compare_json, result)
@@ -440,6 +495,9 @@ def _report_markdown(name: str, table: str, c: _Comparison, plot_files: list[Pat
         table, "",
         "## How to read this", "",
         "- ΔF ± standard error in kT for the first state pair; every pair is in `compare.json`.",
+        f"- The second table compares every two methods: their ΔF difference in combined standard errors "
+        f"√(σa² + σb²), flagged **DISAGREE** beyond {DISAGREE_SIGMA:g}σ (— when an error is unknown), and the RMSE "
+        "between their profiles over the bins both populate (after the best shift).",
         "- ESS: effective number of independent samples, each by its method's own definition: importance "
         "sampling, Kish ESS (sum w)²/sum w²; MCMC and MD, n / max τ_int over the CVs, u and the state "
         "indicators (0 when a chain never moved); — when unknown.",
@@ -461,6 +519,13 @@ def _report_markdown(name: str, table: str, c: _Comparison, plot_files: list[Pat
     khat = next((r.get("pareto_khat") for r in c.rows if r.get("pareto_khat") is not None), None)
     if khat is not None and khat > 0.7:
         lines += [f"**WARNING**: Pareto k̂ = {khat:.2f} > 0.7: the importance-sampling error bar is unreliable.", ""]
+    flagged = [(r["method"], other) for r in c.rows for other in r.get("disagrees_with", []) if r["method"] < other]
+    for a, b in flagged:
+        lines += [f"**DISAGREE**: {a} and {b} differ by more than {DISAGREE_SIGMA:g} combined standard errors in ΔF; "
+                  "at least one of them is biased or its error bar is too small.", ""]
+    for row in c.rows:
+        for warning in row.get("warnings") or []:
+            lines += [f"**WARNING** ({row['method']}): {warning}", ""]
     log_det = next((r["log_det"] for r in c.rows if r.get("log_det")), None)
     if log_det is not None:
         lines += [f"**Estimated log-det**: the flow's log q comes from {log_det['estimator']}; its standard deviation, "

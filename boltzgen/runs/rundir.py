@@ -6,6 +6,8 @@ runs/<name>/
   compare.json  report.md  plots/*.png
   md/       md.h5, hot.h5, seeded_<state>.h5 (+ .ckpt.h5 while running), config.yaml, summary.json, plots/
   umbrella/ the umbrella-sampling reference, config.yaml and summary.json
+  umbrella_<cv>[_<cv>]/  harmonic umbrella windows on a grid of CVs: window_<i>.h5, seeds.json, summary.json, plots/
+  remd/     replica exchange: remd.nc + remd_checkpoint.nc (openmmtools), samples.h5, config.yaml, summary.json, plots/
   mcmc*/    chains.h5, summary.json, plots/   (mcmc/ by default; `mcmc --out` may name another)
 ```
 """
@@ -74,6 +76,20 @@ class UmbrellaDir(Folder):
     """The umbrella-sampling reference, ``<run>/umbrella/``; its inner files belong to the simulation."""
 
 
+class RemdDir(Folder):
+    """Temperature replica exchange, ``<run>/remd/``."""
+
+    @property
+    def storage(self) -> Path:
+        """openmmtools' storage file; it keeps its checkpoints beside it, in ``remd_checkpoint.nc``."""
+        return self.path / "remd.nc"
+
+    @property
+    def samples(self) -> Path:
+        """Every production frame of every replica with its MBAR log-weight at the target temperature."""
+        return self.path / "samples.h5"
+
+
 class RunDir(Folder):
     """A run directory and every path inside it."""
     @property
@@ -116,7 +132,23 @@ class RunDir(Folder):
 
     @property
     def umbrella(self) -> UmbrellaDir:
+        """The flattened-bias umbrella sampling along phi: the reference `train` reports."""
         return UmbrellaDir(self.path / "umbrella")
+
+    def umbrella_folder(self, method: str, cvs: list[str]) -> UmbrellaDir:
+        """Where ``md --umbrella`` writes: :attr:`umbrella` for the flattened bias along phi,
+        ``umbrella_<cv>[_<cv>]/`` for harmonic windows on the grid of those CVs."""
+        if method == "flattened":
+            return self.umbrella
+        return UmbrellaDir(self.path / ("umbrella_" + "_".join(cvs)))
+
+    def umbrella_runs(self) -> list[UmbrellaDir]:
+        """Every ``umbrella*/`` folder that holds a summary, sorted by name."""
+        return [UmbrellaDir(p.parent) for p in sorted(self.path.glob("umbrella*/summary.json"))]
+
+    @property
+    def remd(self) -> RemdDir:
+        return RemdDir(self.path / "remd")
 
     @property
     def mcmc(self) -> MCMCDir:

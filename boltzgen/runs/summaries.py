@@ -115,12 +115,18 @@ class FreeEnergyRow(SummaryFile):
 
 @summary
 class UmbrellaFreeEnergyRow(FreeEnergyRow):
-    """A free-energy row of the flattened umbrella sampling, with its repeats and error method."""
+    """A free-energy row of umbrella sampling with its error method: the flattened bias's repeats, or
+    the windows' analytic MBAR and block-bootstrap errors (``stderr_kT`` is the larger) and the ΔF of
+    the first and of the second half of every window (``halves_kT``). ``p_b``: the unbiased
+    probability of state ``to``."""
 
-    repeats_kT: list[Float]
-    repeats_stderr_kT: list[Float]
-    repeat_spread_kT: Float
-    stderr_from_repeats_kT: Float
+    repeats_kT: list[Float] | None = None
+    repeats_stderr_kT: list[Float] | None = None
+    repeat_spread_kT: Float | None = None
+    stderr_from_repeats_kT: Float | None = None
+    stderr_analytic_kT: Float | None = None
+    stderr_bootstrap_kT: Float | None = None
+    halves_kT: list[Float] | None = None
     p_b: Float
     error_method: str
 
@@ -139,12 +145,47 @@ class ThermodynamicRow(SummaryFile):
 
 @summary
 class Profile(SummaryFile):
-    """A free-energy profile along a CV (radians): bin centres, F in kT and its standard error."""
+    """A free-energy profile along a CV: bin centres, F in kT and its standard error.
+
+    ``cv`` names the CV (absent: phi) and ``unit`` the unit of the centres (absent: rad; ``centers_rad``
+    keeps its name for the files written before other CVs); ``n_eff`` the effective samples per bin.
+    """
 
     centers_rad: list[float]
     f_kT: list[Float]
     stderr_kT: list[Float]
     source: str | None = None
+    cv: str | None = None
+    unit: str | None = None
+    n_eff: list[Float] | None = None
+
+
+@summary
+class Surface(SummaryFile):
+    """A free-energy surface over two CVs: ``edges`` per CV (in their units), F in kT ``[bins0][bins1]``
+    (the first CV along the rows, null for an empty bin) with its standard error."""
+
+    cvs: list[str]
+    edges: list[list[float]]
+    f_kT: list[list[Float]]
+    stderr_kT: list[list[Float]]
+
+
+@summary
+class ProfileCheck(SummaryFile):
+    """A profile compared with plain MD along ``cv`` over ``n_bins`` bins where the MD is converged
+    (``bins`` says how they were chosen): the RMSE after the best shift, the largest difference in
+    combined standard errors, chi^2 with its p-value, and whether they ``disagree``."""
+
+    reference: str
+    cv: str
+    bins: str
+    n_bins: int
+    rmse_kT: Float
+    max_abs_z: Float
+    chi2: Float
+    p_value: Float
+    disagree: bool
 
 
 @summary
@@ -210,20 +251,40 @@ class BaselineSummary(SummaryFile):
 
 @summary
 class UmbrellaSummary(SummaryFile):
-    """``umbrella/summary.json``: the flattened-umbrella reference ΔF along phi."""
+    """``umbrella*/summary.json``: umbrella sampling's ΔF between the states and its profiles.
+
+    ``method`` ``flattened_umbrella`` (``umbrella/``: the flattening bias along phi, with ``stage1``,
+    ``transitions`` and ``production_h5``) or ``umbrella_windows`` (``umbrella_<cvs>/``: harmonic
+    windows on the grid of ``cvs``, with ``windows``, ``profiles`` per CV and, for two CVs, ``fes_2d``).
+    ``profile`` is along the first CV. ``md_agreement`` compares each profile with plain MD where that
+    is converged, and ``warnings`` says what a reader must know (e.g. that they disagree).
+    """
 
     method: str = "flattened_umbrella"
+    cvs: list[str] | None = None
     temperature_K: float
     free_energies: list[UmbrellaFreeEnergyRow]
     profile: Profile
-    stage1: dict[str, Any]
+    profiles: dict[str, Profile] | None = None
+    fes_2d: Surface | None = None
+    stage1: dict[str, Any] | None = None
+    windows: dict[str, Any] | None = None
     settings: dict[str, Any]
     energy_evaluations: dict[str, int]
     wall_seconds: float
     call_wall_seconds: float
-    transitions: list[int]
+    transitions: list[int] | None = None
     n_samples: int
-    production_h5: list[str]
+    production_h5: list[str] | None = None
+    md_agreement: list[ProfileCheck] | None = None
+    warnings: list[str] | None = None
+
+    @property
+    def label(self) -> str:
+        """How `compare` names this method."""
+        if self.method == "flattened_umbrella":
+            return "umbrella sampling (flattening bias)"
+        return f"umbrella sampling ({' × '.join(self.cvs or ['phi'])} windows, MBAR)"
 
 
 @summary
@@ -251,6 +312,7 @@ class TrainSummary(SummaryFile):
     log_det: LogDetEstimate | None = None
     log_z: LogZRow | None = None
     wall_seconds: float
+    ranks: int = 1  # processes of the torchrun launch that trained and sampled (energy counts are their sum)
 
 
 @summary
@@ -281,6 +343,7 @@ class SampleSummary(SummaryFile):
     log_det: LogDetEstimate | None = None
     log_z: LogZRow | None = None
     wall_seconds: float
+    ranks: int = 1  # processes of the torchrun launch, each of which wrote a shard of the samples file
 
 
 @summary
@@ -330,3 +393,48 @@ class MDSummary(SummaryFile):
     energy_evaluations: dict[str, int]
     md_wall_seconds: float
     wall_seconds: float
+
+
+@summary
+class RemdSummary(SummaryFile):
+    """``remd/summary.json``: temperature replica exchange, ΔF at the target temperature by MBAR over
+    every frame of every replica, with block-jackknife errors, and the mixing diagnostics.
+
+    ``temperatures_K``: the ladder; ``pair_acceptance[k]`` the exchange acceptance between rungs k and
+    k + 1; ``round_trips`` the completed lowest -> highest -> lowest trips of each replica.
+    ``n_samples`` counts the production frames of all replicas that entered MBAR and ``n_eff`` the Kish
+    count of their target-temperature weights. ``cis_fraction`` is the fraction of production frames
+    with a cis peptide bond (|omega| < 90 degrees; molecules only), ``cis_fraction_by_temperature`` per
+    rung; with ``keep_cis`` false they were left out of MBAR. ``tau_int_iterations``: integrated
+    autocorrelation time, in iterations, of the least populated state's indicator in the series of
+    frames at each temperature (averaged over the temperatures where it changes; null when it never
+    does), to compare with ``block_iterations``, the length of a jackknife block.
+    """
+
+    name: str
+    method: Literal["remd"] = "remd"
+    engine: str
+    temperatures_K: list[float]
+    target_temperature_K: float
+    free_energies: list[FreeEnergyRow]
+    error_method: str
+    n_samples: int
+    n_eff: Float
+    pair_acceptance: list[Float]
+    round_trips: list[int]
+    round_trips_total: int
+    keep_cis: bool
+    cis_fraction: Float | None = None
+    cis_fraction_by_temperature: list[Float] | None = None
+    n_cis_frames: int | None = None
+    iterations: int
+    equilibration_iterations: int
+    steps_per_exchange: int
+    timestep_fs: float
+    tau_int_iterations: Float
+    block_iterations: int
+    energy_evaluations: dict[str, int]
+    remd_wall_seconds: float
+    wall_seconds: float
+    storage: str
+    samples_file: str

@@ -31,6 +31,7 @@ import openmm.app as app
 from scipy.interpolate import CubicSpline
 from tqdm.auto import tqdm
 
+from boltzgen import distributed
 from boltzgen.estimators.histograms import FreeEnergySurface
 from boltzgen.estimators.umbrella import (
     FlattenedEstimate,
@@ -206,13 +207,19 @@ def _run_windows(
     system: openmm.System, topology: app.Topology, positions_nm: np.ndarray, centers: np.ndarray, plan: _Windows,
     progress: bool,
 ) -> list[MDResult]:
-    """Every window, in two walks outward from the start torsion; the results in centre order."""
+    """Every window, in two walks outward from the start torsion; the results in centre order.
+
+    Under torchrun the walks are shared out over the ranks; each rank then reads the others' windows.
+    """
     results: dict[int, MDResult] = {}
     report_every = plan.md["report_every"]
     phi0 = float(dihedrals_rad(positions_nm, [plan.dihedral_atoms])[0])
+    world = distributed.world()
     with tqdm(total=len(centers) * plan.steps, disable=not progress, unit="step", unit_scale=True,
               desc="umbrella") as bar:
-        for walk in _window_order(centers, phi0):
+        for k, walk in enumerate(_window_order(centers, phi0)):
+            if k % world.size != world.rank:
+                continue
             start = positions_nm
             for i in walk:
                 bar.set_postfix(window=i, center_deg=f"{math.degrees(centers[i]):.1f}")
@@ -223,7 +230,8 @@ def _run_windows(
                 bar.refresh()
                 results[i] = res
                 start = res.final_positions_nm
-    return [results[i] for i in range(len(centers))]
+    distributed.barrier()  # every walk is written before any rank reads another's
+    return [results[i] if i in results else load_md(plan.out_dir / f"window_{i:03d}.h5") for i in range(len(centers))]
 
 
 def _write_umbrella_record(path: Path, result: UmbrellaResult, steps_per_window: int, equilibration_steps: int) -> None:
@@ -470,7 +478,8 @@ def _run_production(
     record_dihedrals: Mapping[str, Sequence[int]], extra: Mapping[str, Any], progress: bool, parallel: bool,
 ) -> list[MDResult]:
     """``n_repeats`` biased runs of ``steps`` from ``positions_nm``, resumable, in parallel processes
-    ('spawn') when ``parallel``; ``md`` are run_langevin's MD settings, ``extra`` file attributes."""
+    ('spawn') when ``parallel``; ``md`` are run_langevin's MD settings, ``extra`` file attributes.
+    Under torchrun repeat r runs on rank r mod world size, and every rank reads them all."""
     n_frames = steps // md["report_every"]
     jobs = [
         dict(
@@ -483,12 +492,16 @@ def _run_production(
         )
         for r in range(n_repeats)
     ]
-    if parallel and n_repeats > 1:
-        with ProcessPoolExecutor(max_workers=n_repeats, mp_context=multiprocessing.get_context("spawn")) as pool:
-            paths = list(pool.map(_production_worker, jobs))
+    world = distributed.world()
+    mine = [job for r, job in enumerate(jobs) if r % world.size == world.rank]
+    if parallel and len(mine) > 1:
+        with ProcessPoolExecutor(max_workers=len(mine), mp_context=multiprocessing.get_context("spawn")) as pool:
+            list(pool.map(_production_worker, mine))
     else:
-        paths = [_production_worker(job) for job in jobs]
-    return [load_md(Path(p)) for p in paths]
+        for job in mine:
+            _production_worker(job)
+    distributed.barrier()  # every repeat is written before any rank reads them
+    return [load_md(out_dir / f"production_{r}.h5") for r in range(n_repeats)]
 
 
 def _analyze_production(

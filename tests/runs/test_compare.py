@@ -7,6 +7,7 @@ import math
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 from tests.helpers import train_tiny_double_well
 
@@ -140,3 +141,80 @@ def test_fes_rmse_leaves_out_bins_that_rest_on_a_few_heavy_weights():
     scored = grid.scores(np.asarray(fes.f_kT), None, np.asarray(fes.n_eff))
     assert naive["fes_rmse_kT"] > 0.5  # the one heavy sample wrecks the plain comparison
     assert scored["fes_bins_sparse"] >= 1 and scored["fes_rmse_kT"] < 0.05
+
+
+WINDOWS = UmbrellaSummary(
+    method="umbrella_windows", cvs=["phi", "psi"], temperature_K=300.0,
+    free_energies=[UmbrellaFreeEnergyRow(from_="A", to="B", delta_f_kT=4.5, stderr_kT=0.05, stderr_analytic_kT=0.04,
+                                         stderr_bootstrap_kT=0.05, halves_kT=[4.45, 4.55], p_b=0.01,
+                                         error_method="test")],
+    profile=Profile(centers_rad=[-1.0, 0.0, 1.0], f_kT=[0.0, 5.0, 1.0], stderr_kT=[0.1, 0.2, 0.1], cv="phi"),
+    settings={}, energy_evaluations={"total": 2_000_000}, wall_seconds=30.0, call_wall_seconds=30.0, n_samples=500,
+    warnings=["a test warning"],
+)
+
+
+def test_compare_flags_every_pair_beyond_three_combined_sigma(run_dir, tmp_path, capsys):
+    """Two constructed umbrella summaries beside the flow: the one 22 sigma off the exact ΔF is flagged
+    against it (and against the flow), the one within its error is not; the table and the JSON say so."""
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    for folder, summary in (("umbrella", UMBRELLA), ("umbrella_phi_psi", WINDOWS)):
+        (run / folder).mkdir()
+        summary.write(run / folder / "summary.json")
+    assert cli.main(["compare", str(run)]) == 0
+    out = capsys.readouterr().out
+    windows = "umbrella sampling (phi × psi windows, MBAR)"
+    assert f"| {windows} | +4.500 ± 0.050 |" in out and "**DISAGREE**" in out
+    data = json.loads((run / "compare.json").read_text())
+    pairs = {(p["a"], p["b"]): p for p in data["pairs"]}
+    exact = next(r["delta_f_kT"] for r in data["methods"] if r["method"] == "exact (quadrature)")
+    against_exact = pairs[("exact (quadrature)", windows)]
+    assert against_exact["z"] == pytest.approx((exact - 4.5) / 0.05) and against_exact["disagree"] is True
+    assert against_exact["combined_stderr_kT"] == pytest.approx(0.05)
+    flattened = pairs[("exact (quadrature)", UMBRELLA.label)]
+    assert flattened["disagree"] is False and abs(flattened["z"]) < 3
+    both = pairs[(UMBRELLA.label, windows)]
+    assert both["combined_stderr_kT"] == pytest.approx(math.hypot(0.2, 0.05))
+    assert both["disagree"] is ((4.5 - 3.3) / math.hypot(0.2, 0.05) > 3)
+    assert {(p["a"], p["b"]) for p in data["disagreements"]} == {k for k, p in pairs.items() if p["disagree"]}
+    methods = {row["method"]: row for row in data["methods"]}
+    assert "exact (quadrature)" in methods[windows]["disagrees_with"]
+    assert windows not in methods[UMBRELLA.label]["disagrees_with"] or both["disagree"]
+    assert methods[windows]["warnings"] == ["a test warning"]
+    report = (run / "report.md").read_text()
+    assert "**DISAGREE**" in report and "a test warning" in report
+
+
+def test_profile_on_grid_merges_finer_bins_by_probability():
+    """An exact profile on 5-degree bins put onto 10-degree bins: each coarse bin gets -ln of its two
+    halves' summed probability (keeping one half, as compare once did, is off by 0.45 kT here)."""
+    from boltzgen.runs.compare import _Grid
+
+    grid = _Grid(["phi", "psi"], [(-math.pi, math.pi)] * 2, 36)
+    fine_edges = np.linspace(-math.pi, math.pi, 73)
+    centers = 0.5 * (fine_edges[1:] + fine_edges[:-1])
+    f_fine = 3.0 * (1 + np.cos(centers)) + 2.0 * np.sin(3 * centers)
+    merged, se = grid.profile_on_grid(centers, f_fine, np.full(72, 0.1))
+    p = np.exp(-f_fine)
+    expected = -np.log(p[0::2] + p[1::2])
+    np.testing.assert_allclose(merged - merged.min(), expected - expected.min(), atol=1e-12)
+    assert np.all(se <= 0.1) and np.all(se >= 0.1 / math.sqrt(2) - 1e-12)
+    kept_one = f_fine[1::2]
+    assert np.max(np.abs((kept_one - kept_one.min()) - (expected - expected.min()))) > 0.3
+
+
+def test_pairwise_fes_rmse_uses_the_bins_both_populate():
+    from boltzgen.runs.pairs import pair_fes_rmse
+
+    centers = np.linspace(-3, 3, 30)
+    f = 0.5 * centers**2
+    noisy = f + 0.2 * np.sin(7 * centers) + 4.0
+    noisy[:3] = np.inf  # a method that never reached the left tail
+    sparse = np.full(30, 100.0)
+    sparse[25] = 3.0  # one bin held by three effective samples
+    rmse, n = pair_fes_rmse((f, None), (noisy, sparse), min_probability=1e-4, min_samples=10)
+    mask = np.isfinite(noisy) & (np.exp(-f) / np.exp(-f).sum() >= 1e-4) & (sparse >= 10)
+    d = (noisy - f)[mask]
+    assert n == mask.sum() and rmse == pytest.approx(np.sqrt(np.mean((d - d.mean()) ** 2)))
+    assert pair_fes_rmse((f, None), (np.full(30, np.inf), None), min_probability=1e-4, min_samples=10) == (None, 0)

@@ -102,3 +102,53 @@ def openmm_energies(system: openmm.System, positions_nm: np.ndarray) -> np.ndarr
 def torsion(positions_nm: np.ndarray, atoms: tuple[int, int, int, int] = CHAIN) -> np.ndarray:
     """The torsion of ``atoms`` in each frame ``[T, n_atoms, 3]`` -> ``[T]`` rad."""
     return dihedrals_rad(positions_nm, [atoms])[:, 0]
+
+
+# --- a 5-atom chain with two coupled torsions: an exact 2-D (phi, psi) density ------------------
+
+#: The two torsions of the 5-atom chain: phi of atoms 0-3, psi of atoms 1-4.
+CHAIN2_PHI, CHAIN2_PSI = (0, 1, 2, 3), (1, 2, 3, 4)
+
+
+def v_torsions_2d(phi: np.ndarray, psi: np.ndarray) -> np.ndarray:
+    """Torsion energy (kJ/mol) of the 5-atom chain: barriers of a few kT along both angles, coupled."""
+    return 6.0 * (1 + np.cos(phi)) + 1.5 * (1 + np.cos(2 * phi - 1.0)) + 3.0 * (1 + np.cos(psi - 0.5)) \
+        + 2.0 * np.cos(phi + psi)
+
+
+def make_chain_2d() -> tuple[openmm.System, app.Topology, np.ndarray]:
+    """A 5-atom chain with soft bonds and angles and the torsion energy :func:`v_torsions_2d`.
+
+    The Jacobian of the chain's internal coordinates does not involve the torsions, so the joint
+    marginal of (phi, psi) is exactly proportional to ``exp(-v_torsions_2d / kT)``.
+    """
+    system = openmm.System()
+    for _ in range(5):
+        system.addParticle(12.0)
+    bonds = openmm.HarmonicBondForce()
+    for i in range(4):
+        bonds.addBond(i, i + 1, 0.15, 1.0e4)
+    angles = openmm.HarmonicAngleForce()
+    for i in range(3):
+        angles.addAngle(i, i + 1, i + 2, 1.91, 400.0)
+    torsions = openmm.CustomCompoundBondForce(5, "6*(1 + cos(a)) + 1.5*(1 + cos(2*a - 1)) + 3*(1 + cos(b - 0.5)) "
+                                                 "+ 2*cos(a + b); a = dihedral(p1, p2, p3, p4); b = dihedral(p2, p3, p4, p5)")
+    torsions.addBond([0, 1, 2, 3, 4], [])
+    for force in (bonds, angles, torsions):
+        system.addForce(force)
+    top = app.Topology()
+    res = top.addResidue("MOL", top.addChain())
+    atoms = [top.addAtom(f"C{i}", app.element.carbon, res) for i in range(5)]
+    for i in range(4):
+        top.addBond(atoms[i], atoms[i + 1])
+    positions = np.array([[0.0, 0.15, 0.0], [0.0, 0.0, 0.0], [0.15, 0.0, 0.0], [0.2, 0.1, 0.1], [0.35, 0.1, 0.12]])
+    return system, top, positions
+
+
+def exact_2d(temperature_K: float = 300.0, n: int = 600) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The exact joint density of (phi, psi) on an ``n x n`` grid: ``(phi, psi, p)`` with ``p`` summing to 1."""
+    axis = np.linspace(-math.pi, math.pi, n, endpoint=False) + math.pi / n
+    phi, psi = np.meshgrid(axis, axis, indexing="ij")
+    v = v_torsions_2d(phi, psi)
+    p = np.exp(-(v - v.min()) / kT_kJ_per_mol(temperature_K))
+    return phi, psi, p / p.sum()

@@ -212,3 +212,123 @@ def test_flattened_umbrella_refuses_bad_lengths(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="n_repeats"):
         run_flattened_umbrella(system, top, pos, production_steps=1_000, production_equilibration_steps=0,
                                n_repeats=0, **kw)
+
+
+# ----------------------------------------------------------------------------------------------
+# windows on a grid of CVs (boltzgen.simulation.umbrella_grid)
+# ----------------------------------------------------------------------------------------------
+
+from boltzgen import cli  # noqa: E402
+from boltzgen.cvs import CollectiveVariable, evaluate_cvs  # noqa: E402
+from boltzgen.estimators.umbrella_grid import WindowGrid, analyze_window_grid  # noqa: E402
+from boltzgen.simulation.umbrella_grid import (  # noqa: E402
+    WindowGridSpec,
+    cv_bias_force,
+    run_window_grid,
+    seeding_order,
+)
+from tests.simulation.chain import CHAIN2_PHI, CHAIN2_PSI, exact_2d, make_chain_2d  # noqa: E402
+
+
+def test_cv_bias_forces_match_the_numpy_bias() -> None:
+    """Torsion (centred next to the seam), distance and coordinate restraints in one system: OpenMM's
+    energy is the sum of 0.5 k d^2 that the MBAR analysis computes."""
+    cvs = (CollectiveVariable("t", "torsion", (0, 1, 2, 3)), CollectiveVariable("d", "distance", (0, 4)),
+           CollectiveVariable("z", "coordinate", (2,), 2))
+    center, k = np.array([math.pi - 0.05, 0.3, 0.1]), np.array([20.0, 500.0, 300.0])
+    system = openmm.System()
+    for _ in range(5):
+        system.addParticle(12.0)
+    for d, cv in enumerate(cvs):
+        system.addForce(cv_bias_force(cv, float(k[d]), d, float(center[d])))
+    ctx = openmm.Context(system, openmm.VerletIntegrator(0.001), openmm.Platform.getPlatformByName("Reference"))
+    xyz = np.random.default_rng(0).normal(scale=0.3, size=(30, 5, 3))
+    energies = []
+    for x in xyz:
+        ctx.setPositions(x * unit.nanometer)
+        energies.append(ctx.getState(getEnergy=True).getPotentialEnergy().value_in_unit(unit.kilojoule_per_mole))
+    values = evaluate_cvs(xyz, cvs)
+    grid = WindowGrid(np.stack([center, center]), k, [True, False, False])
+    expected = grid.bias_kT(np.stack([values[cv.name] for cv in cvs], axis=1))[0]
+    np.testing.assert_allclose(energies, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_seeding_order_is_a_breadth_first_tree_over_the_grid() -> None:
+    cvs = (CollectiveVariable("a", "torsion", (0, 1, 2, 3)), CollectiveVariable("r", "distance", (0, 3)))
+    spec = WindowGridSpec(cvs, (np.radians([-180.0, -90.0, 0.0, 90.0]), np.array([0.2, 0.3, 0.4])), (10.0, 100.0))
+    order = seeding_order(spec, np.array([math.radians(170.0), 0.41]))
+    windows = [w for w, _ in order]
+    assert sorted(windows) == list(range(12)) and order[0] == (2, -1)  # phi 170 is next to -180 across the seam
+    seen = set()
+    for window, parent in order:
+        if parent >= 0:
+            assert parent in seen
+            (a0, r0), (a1, r1) = np.unravel_index(window, (4, 3)), np.unravel_index(parent, (4, 3))
+            assert (a0 == a1 and abs(int(r0) - int(r1)) == 1) or (r0 == r1 and (int(a0) - int(a1)) % 4 in (1, 3))
+        seen.add(window)
+
+
+def test_window_grid_on_two_torsions_matches_quadrature(tmp_path: Path) -> None:
+    """Windows on both torsions of a 5-atom chain whose (phi, psi) density is known exactly: the MD
+    passes and the MBAR analysis recover the exact ΔF and profile; a second call reuses every file."""
+    system, top, pos = make_chain_2d()
+    cvs = (CollectiveVariable("phi", "torsion", CHAIN2_PHI), CollectiveVariable("psi", "torsion", CHAIN2_PSI))
+    axis = np.radians(np.arange(-180.0, 180.0, 45.0))
+    spec = WindowGridSpec(cvs, (axis, axis), (10.0, 10.0))
+    kw = dict(steps_per_window=10_000, equilibration_steps=500, temperature_K=300.0, seed=3, out_dir=tmp_path,
+              timestep_fs=4.0, friction_per_ps=5.0, report_every=20, progress=False)
+    run = run_window_grid(system, top, pos, spec, **kw)
+    assert len(run.windows) == 64 and all(v.shape == (500, 2) for v in run.values)
+    assert run.energy_evaluations == 64 * 10_500 and run.seeding_energy_evaluations == 64 * 500
+    # The stored bias energy of each window is the harmonic bias of its centre.
+    grid = WindowGrid(run.centers, run.k / kT_kJ_per_mol(300.0), [True, True])
+    for i in (0, 27):
+        np.testing.assert_allclose(run.windows[i].bias_energy_kJ_mol,
+                                   grid.bias_kT(run.values[i])[i] * kT_kJ_per_mol(300.0), rtol=1e-4, atol=1e-4)
+    in_b = [(v[:, 0] > 0.0) & (v[:, 0] < 2.2) for v in run.values]
+    edges = [np.linspace(-math.pi, math.pi, 13)] * 2
+    est = analyze_window_grid(grid, run.values, [np.stack([~b, b], axis=1) for b in in_b], edges, n_bootstrap=10,
+                              n_blocks=5, rng=0)
+    phi, psi, p = exact_2d()
+    b = (phi > 0.0) & (phi < 2.2)
+    exact = -math.log(p[b].sum() / p[~b].sum())
+    assert 0.0 < est.stderr_kT[0] < 0.1
+    assert abs(est.delta_f_kT[0] - exact) < 4 * est.stderr_kT[0], (est.delta_f_kT, est.stderr_kT, exact)
+    marginal = -np.log(np.histogram(phi.ravel(), edges[0], weights=p.ravel())[0])
+    diff = est.profiles[0].f_kT - (marginal - marginal.min())
+    assert np.max(np.abs(diff - diff.mean())) < 0.3
+
+    mtimes = [w.h5.stat().st_mtime_ns for w in run.windows]
+    again = run_window_grid(system, top, pos, spec, **kw)
+    assert [w.h5.stat().st_mtime_ns for w in again.windows] == mtimes
+    np.testing.assert_array_equal(again.values[5], run.values[5])
+
+
+def test_umbrella_windows_on_alanine_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`md --umbrella` on alanine dipeptide with a 2-D grid of 6 x 6 tiny windows: the summary, its
+    2-D surface and profiles, the cost, the plots; a bad atom is one line naming the key."""
+    grid = ("umbrella={cvs: [{name: phi, spacing_deg: 60}, {name: psi, spacing_deg: 60}], steps_per_window: 2000, "
+            "equilibration_steps: 500, report_every: 50, n_blocks: 4, n_bootstrap: 4}")
+    args = ["md", "systems/alanine.yaml", "--umbrella", "--out", str(tmp_path), "--no-progress", "--set", grid]
+    assert cli.main(args) == 0
+    out = capsys.readouterr().out
+    assert "ΔF A→B" in out and "block bootstrap" in out
+    folder = tmp_path / "umbrella_phi_psi"
+    data = json.loads((folder / "summary.json").read_text())
+    assert data["method"] == "umbrella_windows" and data["cvs"] == ["phi", "psi"]
+    row = data["free_energies"][0]
+    assert row["from"] == "A" and row["to"] == "B" and row["stderr_kT"] >= row["stderr_analytic_kT"]
+    assert len(row["halves_kT"]) == 2 and 0.0 < row["p_b"] < 1.0
+    assert data["energy_evaluations"] == {"seeding": 36 * 500, "windows": 36 * 2000, "total": 36 * 2500}
+    assert data["windows"]["n_windows"] == 36 and data["windows"]["shape"] == [6, 6]
+    assert np.shape(data["fes_2d"]["f_kT"]) == (36, 36) and data["fes_2d"]["cvs"] == ["phi", "psi"]
+    assert set(data["profiles"]) == {"phi", "psi"} and len(data["profile"]["f_kT"]) == 36
+    assert data["wall_seconds"] > 0 and "md_agreement" not in data  # no plain MD in this run directory
+    for plot in ("profile_phi", "profile_psi", "fes_2d"):
+        assert (folder / "plots" / f"{plot}.png").is_file()
+
+    bad = ("umbrella={cvs: [{name: d, distance: [ALA2-CA, ALA2-XX], range_nm: [0.2, 0.4], spacing_nm: 0.05, "
+           "k_kJ_per_mol_nm2: 1000}]}")
+    assert cli.main(["md", "systems/alanine.yaml", "--umbrella", "--out", str(tmp_path), "--set", bad]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "umbrella.cvs[0].distance[1]" in err and "ALA2-XX" in err
