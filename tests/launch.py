@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,15 @@ def torchrun(n_proc: int, *args: str, timeout: float = 300) -> subprocess.Comple
         env.pop(name, None)
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n_proc}",
                "-m", "boltzgen", *args]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False)
+    if done.returncode and "(SIGABRT)" in done.stderr:
+        # A known, still open defect: about 1 launch in 30 has a rank abort in C++ ("terminate called
+        # without an active exception"), cause not found (README, distributed runs). One retry keeps
+        # the suite's verdict about the program's results; the abort itself is printed as a warning.
+        warnings.warn(f"a torchrun rank aborted (SIGABRT); launching once more: {done.stderr[-2000:]}", stacklevel=2)
+        done = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    return done
 
 
 def error_lines(stderr: str) -> list[str]:
