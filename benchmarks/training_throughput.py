@@ -2,16 +2,17 @@
 
 Usage::
 
-    python benchmarks/training_throughput.py [--config systems/alanine.yaml] [--baseline REV]
-        [--rounds 3] [--seconds 8] [--no-peer] [--json FILE]
+    python benchmarks/training_throughput.py [--config systems/alanine.yaml] [--baseline REV ...]
+        [--rounds 3] [--seconds 8] [--clock wall|cpu] [--no-peer] [--json FILE]
 
-Three variants are timed, taking turns round by round so that a noisy, shared machine slows them
+The variants are timed taking turns round by round so that a noisy, shared machine slows them
 alike; the table gives each one's median and the ratio of the medians to this checkout:
 
 - ``current``: the package in this checkout;
-- ``baseline``: the package at ``--baseline`` (a git revision, extracted with ``git archive`` into
-  a temporary folder with that revision's ``systems/``, whose copy of the config it reads), timed by
-  the same worker code;
+- ``baseline REV``: the package at each ``--baseline`` (a git revision, extracted with ``git archive``
+  into a temporary folder with that revision's ``systems/``, whose copy of the config it reads),
+  timed by the same worker code; the option may be repeated (e.g. the commit before the speed work
+  and ``HEAD``);
 - ``normflows``: the peer library (a benchmark-only dependency, ``pip install normflows``) with a
   flow of the same size: as many coupling blocks, hidden widths and bins, built from its
   ``CoupledRationalQuadraticSpline`` and ``CircularCoupledRationalQuadraticSpline`` layers, on the
@@ -22,8 +23,10 @@ Each variant runs in a fresh process (one torch thread, as ``cpu_threads: 1`` in
 measures, for each training stage of the config at its own batch size, optimization steps per
 second through :class:`boltzgen.training.Trainer` (loss, backward, clipping, Adam: the whole step
 the ``train`` command takes), and samples per second with log q and the energy at the config's
-sampling batch. Training data are the energy-minimized structure with 0.003 nm of Gaussian noise
-(4,096 frames): the step's cost does not depend on what the data are.
+sampling batch. ``--clock cpu`` times by each worker's CPU time instead of the wall clock: a
+one-thread process on a machine shared with other work waits for a core, which its wall time counts
+and its CPU time does not. Training data are the energy-minimized structure with 0.003 nm of
+Gaussian noise (4,096 frames): the step's cost does not depend on what the data are.
 """
 
 from __future__ import annotations
@@ -50,15 +53,22 @@ ROOT = Path(__file__).resolve().parents[1]
 # --------------------------------------------------------------------------------------------------
 
 
+def _clock() -> Callable[[], float]:
+    """The worker's clock (``--clock``): wall time, or this process's CPU time (one torch thread, so on
+    a loaded machine its CPU time leaves out the waits for a core that its wall time counts)."""
+    return time.process_time if os.environ.get("BOLTZGEN_BENCH_CLOCK") == "cpu" else time.perf_counter
+
+
 def _rate(step: Callable[[], None], per_call: int, seconds: float, warmup: int) -> float:
     """Calls of ``step`` per second (times ``per_call``) over at least ``seconds``, after ``warmup`` calls."""
     for _ in range(warmup):
         step()
-    calls, start = 0, time.perf_counter()
+    clock = _clock()
+    calls, start = 0, clock()
     while True:
         step()
         calls += 1
-        elapsed = time.perf_counter() - start
+        elapsed = clock() - start
         if elapsed >= seconds:
             return calls * per_call / elapsed
 
@@ -163,9 +173,9 @@ def _extract(revision: str, folder: Path) -> Path:
     return folder
 
 
-def _run_worker(kind: str, source: Path, config: str, seconds: float) -> dict[str, float]:
+def _run_worker(kind: str, source: Path, config: str, seconds: float, clock: str) -> dict[str, float]:
     """One worker process; it reads ``config`` relative to ``source`` (a baseline uses its own copy)."""
-    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1", "BOLTZGEN_BENCH_CLOCK": clock}
     out = subprocess.run([sys.executable, __file__, "--worker", kind, "--config", config, "--seconds", str(seconds)],
                          env=env, cwd=source, check=False, capture_output=True, text=True)
     if out.returncode:
@@ -189,9 +199,12 @@ def _table(results: dict[str, list[dict[str, float]]]) -> tuple[str, dict[str, d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--config", default="systems/alanine.yaml")
-    parser.add_argument("--baseline", help="git revision to compare against (e.g. HEAD~3)")
+    parser.add_argument("--baseline", action="append", default=[],
+                        help="git revision to compare against (e.g. HEAD~3); may be repeated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per stage and variant per round")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="time steps by wall clock, or by each worker's CPU time (steadier on a shared machine)")
     parser.add_argument("--no-peer", action="store_true", help="leave out normflows")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", choices=["boltzgen", "normflows"], help=argparse.SUPPRESS)
@@ -204,23 +217,26 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         variants = {"current": ("boltzgen", ROOT)}
-        if args.baseline:
-            variants[f"baseline {args.baseline}"] = ("boltzgen", _extract(args.baseline, Path(tmp)))
+        for i, revision in enumerate(args.baseline):
+            folder = Path(tmp) / str(i)
+            folder.mkdir()
+            variants[f"baseline {revision}"] = ("boltzgen", _extract(revision, folder))
         if not args.no_peer:
             variants["normflows"] = ("normflows", ROOT)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
             for name, (kind, source) in variants.items():
-                results[name].append(_run_worker(kind, source, args.config, args.seconds))
+                results[name].append(_run_worker(kind, source, args.config, args.seconds, args.clock))
                 print(f"round {round_ + 1}/{args.rounds} {name}: {results[name][-1]}", file=sys.stderr)
     table, medians = _table(results)
     from boltzgen.config import load_config
 
     stages = ", ".join(f"stage {i}: {s.loss}, batch {s.batch}" for i, s in enumerate(load_config(args.config)[0].training))
     print(f"{args.config} ({stages}; normflows: forward KL only, without coordinates or energy), one torch thread, "
-          f"medians of {args.rounds} rounds:\n{table}")
+          f"{args.clock} clock, medians of {args.rounds} rounds:\n{table}")
     if args.json:
-        args.json.write_text(json.dumps({"config": args.config, "medians": medians, "rounds": results}, indent=1))
+        args.json.write_text(json.dumps({"config": args.config, "clock": args.clock, "medians": medians,
+                                         "rounds": results}, indent=1))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ the system C compiler (``$CC``, else ``cc``) into a shared library under ``$BOLT
 (default ``~/.cache/boltzgen``), keyed by the source, the compiler, the flags and the CPU, so a
 changed source or machine builds afresh and an unchanged one loads the cached library. Builds are
 atomic (compiled into a temporary file, then renamed). ``BOLTZGEN_NATIVE=0`` disables every kernel;
-callers then run their torch reference code.
+callers then run their torch reference code. :func:`load_once` is the lazy loader each kernel's
+module calls, keeping the loaded library and the reason for its absence in its own globals.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 # -fno-math-errno and -fno-trapping-math let sqrt and the clamps vectorize and change no result;
@@ -90,3 +92,29 @@ def build(source: Path, variants: Sequence[tuple[list[str], list[str]]] = PORTAB
         except OSError as error:  # e.g. a library the build linked is missing at run time
             errors.append(str(error))
     raise RuntimeError(f"building {source.name} failed: {errors[-1]}")
+
+
+def load_once(library: ctypes.CDLL | None, reason: str | None, source: Path,
+              variants: Sequence[tuple[list[str], list[str]]], declare: Callable[[ctypes.CDLL], None], name: str,
+              fallback: str) -> tuple[ctypes.CDLL | None, str | None]:
+    """One step of a module's lazy loader: the new ``(library, reason)`` from its current ones.
+
+    Nothing is tried again once either is set (a module resets both to retry). Otherwise the
+    library is built from ``source`` (:func:`build` with ``variants``) and ``declare`` sets its
+    functions' argument and result types; where that is disabled or fails, the library is None and
+    the reason says why, and a failed build warns once, naming the kernel (``name``) and what runs
+    instead (``fallback``).
+    """
+    if library is not None or reason is not None:
+        return library, reason
+    if disabled():
+        return None, "disabled by BOLTZGEN_NATIVE"
+    try:
+        built = build(source, variants)
+        declare(built)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
+        # stacklevel 3: the warning points at whoever asked the module for its kernel.
+        warnings.warn(f"boltzgen: the {name} C kernel is unavailable ({error}); {fallback}", RuntimeWarning,
+                      stacklevel=3)
+        return None, str(error)
+    return built, None

@@ -18,8 +18,6 @@ ffkernel.c; ctypes releases the GIL for the call).
 from __future__ import annotations
 
 import ctypes
-import subprocess
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -63,29 +61,18 @@ _library: ctypes.CDLL | None = None
 _reason: str | None = None
 
 
-def _build() -> ctypes.CDLL:
-    library = native_build.build(SOURCE, _VARIANTS)
+def _declare(library: ctypes.CDLL) -> None:
     # Arrays are passed as addresses (ints from Tensor.data_ptr()): cheaper than casting pointers.
     library.ff_energy_grad_threads.argtypes = [ctypes.POINTER(FFParams), ctypes.c_int64, ctypes.c_double,
                                                ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int]
     library.ff_energy_grad_threads.restype = ctypes.c_int
-    return library
 
 
 def load_kernel() -> ctypes.CDLL | None:
     """The compiled kernel, or None where it is disabled or cannot be built (see :func:`unavailable_reason`)."""
     global _library, _reason
-    if _library is not None or _reason is not None:
-        return _library
-    if native_build.disabled():
-        _reason = "disabled by BOLTZGEN_NATIVE"
-        return None
-    try:
-        _library = _build()
-    except (OSError, RuntimeError, subprocess.SubprocessError) as error:
-        _reason = str(error)
-        warnings.warn(f"boltzgen: the force-field C kernel is unavailable ({_reason}); the torch energy runs in "
-                      "eager torch, 15-25x slower", RuntimeWarning, stacklevel=2)
+    _library, _reason = native_build.load_once(_library, _reason, SOURCE, _VARIANTS, _declare, "force-field",
+                                               "the torch energy runs in eager torch, 15-25x slower")
     return _library
 
 

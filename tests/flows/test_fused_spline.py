@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 import torch
@@ -59,9 +60,11 @@ def _apply_with_grads(v: Tensor, params: Tensor, inverse: bool, seed: int = 2) -
     return y.detach(), logdet.detach(), grad_v, grad_p
 
 
+# 64 fills whole lane blocks (8 rows in float64, 16 in float32); 37 leaves a part-filled one of each.
+@pytest.mark.parametrize("batch", [64, 37])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_kernel_matches_the_torch_reference_with_gradients(inverse: bool) -> None:
-    v, params = _inputs(64)
+def test_kernel_matches_the_torch_reference_with_gradients(inverse: bool, batch: int) -> None:
+    v, params = _inputs(batch)
     fused = _apply_with_grads(v, params, inverse)
     with reference_path():
         reference = _apply_with_grads(v, params, inverse)
@@ -70,9 +73,10 @@ def test_kernel_matches_the_torch_reference_with_gradients(inverse: bool) -> Non
     assert fused[3].abs().max() > 1.0  # the comparison is not between zeros
 
 
+@pytest.mark.parametrize("batch", [64, 37])
 @pytest.mark.parametrize("inverse", [False, True])
-def test_float32_kernel_agrees_with_the_float64_reference(inverse: bool) -> None:
-    v, params = _inputs(64)
+def test_float32_kernel_agrees_with_the_float64_reference(inverse: bool, batch: int) -> None:
+    v, params = _inputs(batch)
     fused = _apply_with_grads(v.float(), params.float(), inverse)
     with reference_path():
         reference = _apply_with_grads(v, params, inverse)
@@ -90,6 +94,33 @@ def test_gradcheck_both_directions() -> None:
         def fn(values: Tensor, raw: Tensor, inverse: bool = inverse) -> tuple[Tensor, Tensor]:
             return SplineSettings(BINS, 5.0).apply(values, raw, LIN, CIRC, inverse)
         assert torch.autograd.gradcheck(fn, (v.clone().requires_grad_(True), params.clone().requires_grad_(True)))
+
+
+@pytest.mark.parametrize("inverse", [False, True])
+def test_float32_kernel_is_as_accurate_as_the_float32_torch_code(inverse: bool) -> None:
+    """The kernel computes in float32 for float32 tensors, as the torch code does: its error against
+    the float64 reference is of the torch float32 code's size, outputs and gradients alike."""
+    v, params = _inputs(37)
+    fused = _apply_with_grads(v.float(), params.float(), inverse)
+    with reference_path():
+        torch32 = _apply_with_grads(v.float(), params.float(), inverse)
+        reference = _apply_with_grads(v, params, inverse)
+    for name, a, b, exact in zip(["outputs", "log-det", "grad states", "grad params"], fused, torch32, reference):
+        error, torch_error = (a.double() - exact).abs().max(), (b.double() - exact).abs().max()
+        assert error <= 2 * torch_error + 1e-6 * exact.abs().max(), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("inverse", [False, True])
+def test_no_grad_pass_keeps_nothing_and_gives_the_same_outputs(inverse: bool, dtype: torch.dtype) -> None:
+    """Sampling (no gradient) runs the forward pass without its cache for the backward pass."""
+    v, params = _inputs(37, dtype)
+    settings = SplineSettings(BINS, 5.0)
+    with torch.no_grad():
+        y, logdet = settings.apply(v, params, LIN, CIRC, inverse)
+    assert y.grad_fn is None
+    y_grad, logdet_grad = settings.apply(v, params.clone().requires_grad_(True), LIN, CIRC, inverse)
+    assert torch.equal(y, y_grad.detach()) and torch.equal(logdet, logdet_grad.detach())
 
 
 def test_coupling_round_trip_through_the_kernel() -> None:
@@ -139,3 +170,20 @@ def test_disabled_by_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "BOLTZGEN_NATIVE" in (fused_spline._reason or "")
     y, _ = SplineSettings(BINS, 5.0).apply(v, params, LIN, CIRC, inverse=False)
     assert torch.isfinite(y).all()
+
+
+def test_missing_compiler_falls_back_with_a_warning(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The shared loader (native_build.load_once) as the spline module uses it: one warning, a reason
+    kept in the module's globals, the torch code run instead, and no second try."""
+    monkeypatch.setattr(fused_spline, "_library", None)
+    monkeypatch.setattr(fused_spline, "_reason", None)
+    monkeypatch.setenv("BOLTZGEN_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    v, params = _inputs(8)
+    with pytest.warns(RuntimeWarning, match="spline C kernel is unavailable.*eager torch"):
+        assert fused_spline.load_kernel() is None
+    assert "no C compiler" in (fused_spline._reason or "")
+    assert not fused_spline.usable(v, params, BINS)
+    monkeypatch.delenv("CC")
+    assert fused_spline.load_kernel() is None  # the reason is kept: nothing is built on a later call
+    assert not list(tmp_path.iterdir())
