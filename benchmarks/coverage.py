@@ -22,6 +22,8 @@ Estimators on the analytic systems (``double_well``, ``mueller_brown``):
 - ``is_fixed_flow``: ``boltzgen sample RUN --seed K`` on one flow trained once (seed = the first
   seed): only the sampling changes. A flow's finite-sample bias is the same in every seed here, so
   this separates the error bar's honesty from a bias that changes with the trained flow.
+- ``mcmc_fixed_flow``: ``boltzgen mcmc RUN --seed K`` on that one flow: the MCMC error bar's
+  honesty for a given flow, apart from how good each seed's flow is.
 - ``mala``: the MALA baseline that ``train`` runs for analytic systems (jackknife over chains).
 
 To keep 20 seeds affordable on a shared 2-core CPU, the flow draws 10⁵ samples instead of 10⁶ and the
@@ -30,7 +32,9 @@ in the output); Mueller–Brown keeps its config's training, as shorter training
 unsampled in some seeds.
 
 On the Mueller–Brown particle (``mueller_brown_particle``, an OpenMM system) the MD baselines
-``md`` (plain MD), ``umbrella`` (1-D along x), ``umbrella_2d`` and ``remd`` run through the CLI
+``md`` (plain MD), ``umbrella`` (1-D along x), ``umbrella_exchange`` (1-D along x, with exchanges
+between neighbouring windows every 50 steps, :data:`EXCHANGE_WINDOWS`, 2 x 10^5 steps per window),
+``umbrella_2d`` and ``remd`` run through the CLI
 (``boltzgen md CONFIG --out DIR --set seed=K [flag]``); they are skipped, with the reason, when
 the config file or the command's option does not exist yet. The umbrella windows are the
 config's when its ``umbrella:`` runs on the same CVs, else :data:`WINDOWS`; MD and REMD are shortened
@@ -80,7 +84,7 @@ SYSTEMS = {
     "mueller_brown_particle": ROOT / "systems/mueller_brown_particle.yaml",
 }
 ANALYTIC = ("double_well", "mueller_brown")
-FLOW_ESTIMATORS = ("is", "mcmc", "mcmc_local", "is_fixed_flow", "mala")
+FLOW_ESTIMATORS = ("is", "mcmc", "mcmc_local", "is_fixed_flow", "mcmc_fixed_flow", "mala")
 #: the `boltzgen mcmc --moves` of each MCMC estimator
 MCMC_MOVES = {"mcmc": "imh", "mcmc_local": "imh+mala"}
 
@@ -94,11 +98,21 @@ class MDEstimator:
     flag: str | None
     folder: str
     umbrella_cvs: tuple[str, ...] = ()
+    #: config overrides of this estimator alone, after the system's budget
+    sets: tuple[str, ...] = ()
+    #: the windows of each CV, when not :data:`WINDOWS`
+    windows: dict[str, str] | None = None
 
 
+#: Windows along x for exchanges: springs 4x stiffer and spacing half that of :data:`WINDOWS`, so that
+#: a configuration in A's channel (pulled ~0.05 nm off its centre by the steep slope there) still
+#: swaps with one in B's middle basin in the next window.
+EXCHANGE_WINDOWS = {"x": "{name: x, range_nm: [-1.5, 1.05], spacing_nm: 0.05, k_kJ_per_mol_nm2: 2000}"}
 MD_ESTIMATORS: dict[str, MDEstimator] = {
     "md": MDEstimator(None, "md"),
     "umbrella": MDEstimator("--umbrella", "umbrella_x", ("x",)),
+    "umbrella_exchange": MDEstimator("--umbrella", "umbrella_x", ("x",), (
+        "umbrella.exchange_every=50", "umbrella.steps_per_window=200000"), EXCHANGE_WINDOWS),
     "umbrella_2d": MDEstimator("--umbrella", "umbrella_x_y", ("x", "y")),
     "remd": MDEstimator("--remd", "remd"),
 }
@@ -270,6 +284,12 @@ def flow_seed(system: str, overrides: list[str], seed: int, estimators: list[str
                              out=work / f"{system}-fixed-samples.h5", progress=False)
         results.append(outcome(system, "is_fixed_flow", seed, pair_row(sampled.free_energies, states),
                                not sampled.weights_reliable, ess=sampled.ess, pareto_khat=sampled.pareto_khat))
+    if "mcmc_fixed_flow" in estimators and fixed is not None:
+        states = list(load_config(SYSTEMS[system], overrides)[0].states)
+        chains = mcmc_job(fixed, moves="imh", seed=seed, out_dir=work / f"{system}-fixed-mcmc", progress=False)
+        results.append(outcome(system, "mcmc_fixed_flow", seed, pair_row(chains.free_energies, states),
+                               bool(chains.tau_unreliable), acceptance_rate=chains.acceptance_rate, ess=chains.ess,
+                               tau_int=chains.tau_int, n_samples=chains.n_samples))
     return results
 
 
@@ -293,13 +313,15 @@ def md_available(estimators: list[str]) -> tuple[list[str], list[str]]:
 
 
 def umbrella_overrides(estimator: MDEstimator, overrides: list[str]) -> list[str]:
-    """The windows of :data:`WINDOWS` on the estimator's CVs, unless the config's umbrella runs on them."""
+    """The estimator's windows (:data:`WINDOWS` unless it names its own) on its CVs, unless the
+    config's umbrella runs on them; then the estimator's own overrides."""
     if not estimator.umbrella_cvs:
-        return []
+        return list(estimator.sets)
     config = load_config(SYSTEMS["mueller_brown_particle"], overrides)[0]
-    if tuple(config.umbrella.cv_names) == estimator.umbrella_cvs:
-        return []
-    return [f"umbrella.cvs=[{', '.join(WINDOWS[cv] for cv in estimator.umbrella_cvs)}]"]
+    if tuple(config.umbrella.cv_names) == estimator.umbrella_cvs and estimator.windows is None:
+        return list(estimator.sets)
+    windows = estimator.windows or WINDOWS
+    return [f"umbrella.cvs=[{', '.join(windows[cv] for cv in estimator.umbrella_cvs)}]", *estimator.sets]
 
 
 def read_row(path: Path, states: list[str], exact: float | None) -> tuple[FreeEnergyRow, list[str]]:
@@ -369,7 +391,7 @@ def run_system(system: str, seeds: list[int], estimators: list[str], extra: list
         if not ready:
             return [], notes
     fixed = None
-    if system in ANALYTIC and "is_fixed_flow" in estimators:
+    if system in ANALYTIC and {"is_fixed_flow", "mcmc_fixed_flow"} & set(estimators):
         fixed = RunDir(work / f"{system}-fixed")
         train_seed(SYSTEMS[system], overrides, seeds[0], fixed)
     outcomes: list[Outcome] = []

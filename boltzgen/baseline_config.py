@@ -237,7 +237,10 @@ class UmbrellaConfig(StrictModel):
     blocks per window) for the error. With ``prune_above_kT``, every window first runs
     ``pilot_steps_per_window``; only those whose centre lies at most ``prune_above_kT`` above the
     pilot's lowest free energy then run on to ``steps_per_window`` (the others keep their pilot
-    frames, and all enter MBAR). ``method: flattened`` (phi alone, the default for
+    frames, and all enter MBAR). With ``exchange_every``, neighbouring windows try to swap their
+    configurations every that many steps (replica exchange umbrella sampling), for a coordinate the
+    bias leaves free and slow, and the bootstrap draws the same time blocks in every window.
+    ``method: flattened`` (phi alone, the default for
     phi): stage 1, short windows + MBAR, gives a rough profile F; stage 2 runs
     ``n_repeats`` long MD runs under the bias -min(F, f_cap) and reweights them.
     """
@@ -251,6 +254,8 @@ class UmbrellaConfig(StrictModel):
     workers: int = Field(default=1, ge=1, le=MAX_REPLICAS)
     pilot_steps_per_window: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     prune_above_kT: float | None = Field(default=None, gt=0, le=1e4)
+    #: steps between exchanges of configurations between neighbouring windows (None: independent windows)
+    exchange_every: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     stage1_spacing_deg: float = Field(default=10.0, gt=0, le=180)
     stage1_k_kJ_per_mol_rad2: PositiveFloat = 200.0
     stage1_steps_per_window: int = Field(default=20_000, ge=1, le=MAX_STEPS)
@@ -284,6 +289,8 @@ class UmbrellaConfig(StrictModel):
     def _check_flattened(self) -> None:
         if self.cv_names != ["phi"]:
             raise ValueError(f"method flattened runs along phi alone; use method: windows for {' and '.join(self.cv_names)}")
+        if self.exchange_every is not None:
+            raise ValueError("exchange_every exchanges between harmonic windows; method flattened has none")
         if self.cvs[0].grid_keys_given:
             raise ValueError(f"cvs[0].{self.cvs[0].grid_keys_given[0]} sets a window grid, which method flattened "
                              "does not use (its windows are stage1_spacing_deg and stage1_k_kJ_per_mol_rad2)")
@@ -315,6 +322,13 @@ class UmbrellaConfig(StrictModel):
                 2 * self.report_every <= self.pilot_steps_per_window < self.steps_per_window):
             raise ValueError(f"pilot_steps_per_window ({self.pilot_steps_per_window}) must store 2 frames or more and "
                              f"be shorter than steps_per_window ({self.steps_per_window})")
+        if self.exchange_every is not None:
+            step = max(self.exchange_every, self.report_every)
+            if step % min(self.exchange_every, self.report_every) or self.steps_per_window % step:
+                raise ValueError(f"exchange_every ({self.exchange_every}) and report_every ({self.report_every}) must "
+                                 f"divide one another and steps_per_window ({self.steps_per_window})")
+            if self.prune_above_kT is not None:
+                raise ValueError("exchange_every runs every window to steps_per_window; drop prune_above_kT")
         if self.steps_per_window // self.report_every < 2 * self.n_blocks:
             raise ValueError(f"steps_per_window ({self.steps_per_window}) stores fewer than 2 frames per bootstrap "
                              f"block (n_blocks {self.n_blocks}, report_every {self.report_every})")

@@ -40,6 +40,12 @@ from threadpoolctl import threadpool_limits
 from boltzgen.estimators.free_energy import import_pymbar
 from boltzgen.estimators.histograms import FreeEnergySurface
 
+#: A window's fraction of frames in a state may differ from MBAR's prediction by this much before it
+#: counts as inconsistent ...
+INCONSISTENT_FRACTION = 0.02
+#: ... and when the window's decorrelated frames would show its count that far from the prediction
+#: less often than this (two-sided binomial).
+INCONSISTENT_P = 1e-3
 #: Above this many windows x frames numbers the subsampled frames are thinned further (memory: 8
 #: bytes each, a few copies at a time).
 MAX_ENTRIES = 40_000_000
@@ -202,7 +208,13 @@ class GridEstimate:
     (frames), ``n_frames`` ``[K]`` (frames used) and ``n_uncorrelated`` ``[K]`` (decorrelated frames).
     ``n_short_blocks``: windows whose bootstrap blocks are shorter than their statistical
     inefficiency (their correlation then escapes the bootstrap); ``thinning`` > 1 when the frames were
-    thinned to bound memory (:data:`MAX_ENTRIES`).
+    thinned to bound memory (:data:`MAX_ENTRIES`). ``state_fractions`` ``[K, S]``: each window's
+    frames in each state; ``state_fractions_predicted`` ``[K, S]``: the same predicted by the unbiased
+    ensemble of all frames under the window's bias; ``inconsistent_windows`` ``[K]`` bool: the two
+    differ by more than :data:`INCONSISTENT_FRACTION`, with a binomial p-value of the window's
+    decorrelated frames below :data:`INCONSISTENT_P`: the mark of a window that never relaxed along
+    a coordinate the bias leaves free (its neighbours hold another mixture of states), which no
+    error bar of its own frames sees.
     """
 
     delta_f_kT: np.ndarray
@@ -221,6 +233,9 @@ class GridEstimate:
     n_blocks: int
     n_short_blocks: int
     thinning: int
+    state_fractions: np.ndarray | None = None
+    state_fractions_predicted: np.ndarray | None = None
+    inconsistent_windows: np.ndarray | None = None
 
 
 def statistical_inefficiency(series: np.ndarray) -> float:
@@ -302,16 +317,19 @@ def _window_starts(n_k: np.ndarray) -> np.ndarray:
 
 
 def _bootstrap(frames: _Frames, f_full: np.ndarray, hessian: np.ndarray, n_bootstrap: int, n_blocks: int,
-               rng: np.random.Generator, shapes: Sequence[int]) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Replicates of ΔF ``[R, S - 1]`` and of ``-ln p`` per binning ``[R, bins]``, by blocks within windows."""
+               rng: np.random.Generator, shapes: Sequence[int], joint: bool = False) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Replicates of ΔF ``[R, S - 1]`` and of ``-ln p`` per binning ``[R, bins]``, by blocks within
+    windows; ``joint``: the same blocks in every window (windows coupled by exchanges, equal lengths)."""
     starts = _window_starts(frames.n_k)
     delta, curves = [], [[] for _ in shapes]
     for _ in range(n_bootstrap):
         parts = []
+        n_shared = min(n_blocks, int(frames.n_k.min()))
+        shared = rng.integers(0, n_shared, n_shared) if joint else None
         for k, start in enumerate(starts):
             own = frames.blocks[start:start + frames.n_k[k]]
             n = min(n_blocks, int(frames.n_k[k]))
-            picked = rng.integers(0, n, n)
+            picked = shared if shared is not None else rng.integers(0, n, n)
             parts.append(start + np.concatenate([np.flatnonzero(own == b) for b in picked]))
         idx = np.concatenate(parts)
         _, log_w = _fit(frames, idx, f_full, hessian)
@@ -319,6 +337,19 @@ def _bootstrap(frames: _Frames, f_full: np.ndarray, hessian: np.ndarray, n_boots
         for curve, bins, n_bins in zip(curves, frames.bins, shapes):
             curve.append(_neg_log_bin_probabilities(bins[idx], n_bins, log_w))
     return np.asarray(delta).reshape(n_bootstrap, -1), [np.asarray(c) for c in curves]
+
+
+def _window_state_fractions(frames: _Frames, log_w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per window ``[K, S]``: the fraction of its own frames in each state, and the fraction that the
+    unbiased ensemble of all frames (log-weights ``log_w`` ``[N]``) puts there under its bias."""
+    states = frames.states.astype(np.float64)
+    observed, predicted = [], []
+    for k, (start, n) in enumerate(zip(_window_starts(frames.n_k), frames.n_k)):
+        observed.append(states[start:start + n].mean(axis=0))
+        a = log_w - frames.u_kn[k]
+        w = np.exp(a - a.max())
+        predicted.append(w @ states / w.sum())
+    return np.asarray(observed), np.asarray(predicted)
 
 
 def _surface(edges: Sequence[np.ndarray], bins: np.ndarray, log_w: np.ndarray, reps: np.ndarray) -> FreeEnergySurface:
@@ -394,6 +425,7 @@ def analyze_window_grid(
     n_bootstrap: int = 20,
     n_blocks: int = 10,
     rng: np.random.Generator | int | None = 0,
+    joint_blocks: bool = False,
 ) -> GridEstimate:
     """Unbias the windows of ``grid`` together by MBAR: ΔF between states, profiles, honest errors.
 
@@ -404,7 +436,9 @@ def analyze_window_grid(
     two). ``observables_per_window``: K arrays ``[N_k, M]`` of series whose correlation the
     subsampling must respect beside the biased CVs and the states. ``subsample`` False takes every
     frame as independent for the analytic error. ``n_bootstrap`` replicates (0: none) of ``n_blocks``
-    blocks per window, drawn with ``rng``. See the module docstring. Returns a :class:`GridEstimate`.
+    blocks per window, drawn with ``rng``; ``joint_blocks`` draws the same blocks of time in every
+    window, for windows of equal length coupled by exchanges of configurations, whose correlation
+    runs across windows. See the module docstring. Returns a :class:`GridEstimate`.
 
     The matrix products run on one BLAS thread: on a loaded machine, OpenBLAS's waiting threads made
     them up to 20x slower than one thread.
@@ -415,13 +449,15 @@ def analyze_window_grid(
     if len(edges) != grid.centers.shape[1]:
         raise ValueError(f"need bin edges for each of the {grid.centers.shape[1]} CVs, got {len(edges)}")
     with threadpool_limits(limits=1, user_api="blas"):
+        if joint_blocks and len({len(v) for v in values_per_window}) != 1:
+            raise ValueError("joint_blocks needs windows of equal length")
         return _analyze(grid, values_per_window, states_per_window, edges, observables_per_window, subsample,
-                        n_bootstrap, n_blocks, np.random.default_rng(rng))
+                        n_bootstrap, n_blocks, np.random.default_rng(rng), joint_blocks)
 
 
 def _analyze(grid: WindowGrid, values_per_window: Sequence[np.ndarray], states_per_window: Sequence[np.ndarray],
              edges: Sequence[np.ndarray], observables_per_window: Sequence[np.ndarray] | None, subsample: bool,
-             n_bootstrap: int, n_blocks: int, rng: np.random.Generator) -> GridEstimate:
+             n_bootstrap: int, n_blocks: int, rng: np.random.Generator, joint_blocks: bool = False) -> GridEstimate:
     """:func:`analyze_window_grid` after its checks."""
     sets, gs, thinning = _collect(grid, values_per_window, states_per_window, observables_per_window, subsample,
                                   n_blocks, edges)
@@ -441,18 +477,24 @@ def _analyze(grid: WindowGrid, values_per_window: Sequence[np.ndarray], states_p
     shapes = [len(e) - 1 for e in edges]
     if len(edges) > 1:
         shapes.append((len(edges[0]) - 1) * (len(edges[1]) - 1))
-    reps_delta, reps_curves = (_bootstrap(full, f_k, hessian, n_bootstrap, n_blocks, rng, shapes) if n_bootstrap >= 2
+    reps_delta, reps_curves = (_bootstrap(full, f_k, hessian, n_bootstrap, n_blocks, rng, shapes, joint_blocks) if n_bootstrap >= 2
                                else (np.zeros((0, len(delta))), [np.zeros((0, n)) for n in shapes]))
     boot = np.std(reps_delta, axis=0, ddof=1) if len(reps_delta) >= 2 else np.full(len(delta), math.nan)
     profiles = tuple(_surface([edges[d]], full.bins[d], log_w, reps_curves[d]) for d in range(len(edges)))
     surface = _surface(edges[:2], full.bins[-1], log_w, reps_curves[-1]) if len(edges) > 1 else None
     block_frames = full.n_k * thinning / np.minimum(n_blocks, full.n_k)
+    observed, predicted = _window_state_fractions(full, log_w)
+    n_dec = np.maximum(decorrelated.n_k, 1)[:, None]
+    count = np.round(observed * n_dec)
+    p_value = 2.0 * np.minimum(stats.binom.cdf(count, n_dec, predicted), stats.binom.sf(count - 1, n_dec, predicted))
+    inconsistent = np.any((np.abs(observed - predicted) > INCONSISTENT_FRACTION) & (p_value < INCONSISTENT_P), axis=1)
     return GridEstimate(
         delta_f_kT=delta, stderr_kT=np.fmax(analytic, boot), stderr_analytic_kT=analytic, stderr_bootstrap_kT=boot,
         delta_f_halves_kT=halves, p_states=np.exp(log_p), profiles=profiles, surface=surface, f_k=f_k,
         statistical_inefficiency=gs, n_frames=full.n_k, n_uncorrelated=decorrelated.n_k,
         n_bootstrap=int(len(reps_delta)), n_blocks=n_blocks, n_short_blocks=int(np.sum(block_frames < gs)),
-        thinning=thinning,
+        thinning=thinning, state_fractions=observed, state_fractions_predicted=predicted,
+        inconsistent_windows=inconsistent,
     )
 
 

@@ -25,10 +25,21 @@ from boltzgen.config import Config, dump_config
 from boltzgen.cvs import CollectiveVariable, evaluate_cvs, resolve_cv
 from boltzgen.errors import ConfigError, RunError
 from boltzgen.estimators.histograms import FreeEnergySurface
-from boltzgen.estimators.umbrella_grid import GridEstimate, WindowGrid, analyze_window_grid, profile_agreement
+from boltzgen.estimators.umbrella_grid import (
+    GridEstimate,
+    WindowGrid,
+    analyze_window_grid,
+    profile_agreement,
+)
 from boltzgen.files import atomic_write_json, atomic_write_text, json_safe
 from boltzgen.runs.rundir import RunDir, UmbrellaDir
-from boltzgen.runs.summaries import Profile, ProfileCheck, Surface, UmbrellaFreeEnergyRow, UmbrellaSummary
+from boltzgen.runs.summaries import (
+    Profile,
+    ProfileCheck,
+    Surface,
+    UmbrellaFreeEnergyRow,
+    UmbrellaSummary,
+)
 from boltzgen.runs.target import Target, build_target
 from boltzgen.trajectory import iter_positions, read_attributes, read_datasets
 
@@ -97,6 +108,10 @@ def windows_job(config: Config, resolved: dict[str, Any], run: RunDir, progress:
     MD settings (time step, friction) are the config's ``md:``; the windows, steps, bootstrap and
     platform are ``umbrella:``'s. Finished and interrupted windows in the folder are reused.
     """
+    from boltzgen.simulation.umbrella_exchange import (
+        exchange_summary,
+        run_window_exchange,
+    )
     from boltzgen.simulation.umbrella_grid import WindowGridSpec, run_window_grid
 
     started = time.perf_counter()
@@ -112,18 +127,34 @@ def windows_job(config: Config, resolved: dict[str, Any], run: RunDir, progress:
     spec = WindowGridSpec(cvs, tuple(np.asarray(c.window_centers()) for c in cfg.cvs), tuple(c.spring() for c in cfg.cvs))
     edges = [_edges(cv, c.window_centers(), c.bin_width()) for cv, c in zip(cvs, cfg.cvs)]
 
+    exchange_stats, state_changes = None, None
+
     def run_and_analyze(steps: Any, n_bootstrap: int) -> tuple[Any, GridEstimate, float]:
-        grid_run = run_window_grid(
-            molecule.system, molecule.topology, molecule.positions_nm, spec, steps_per_window=steps,
-            equilibration_steps=cfg.equilibration_steps, temperature_K=molecule.temperature_K, seed=config.seed,
-            out_dir=folder.path, record_dihedrals=target.torsions, timestep_fs=config.md.timestep_fs,
-            friction_per_ps=config.md.friction_per_ps, report_every=cfg.report_every,
-            platform="Reference" if cfg.platform == "auto" else cfg.platform, workers=cfg.workers, progress=progress)
+        nonlocal exchange_stats, state_changes
+        if cfg.exchange_every is not None:
+            grid_run, exchange_stats = run_window_exchange(
+                molecule.system, molecule.topology, molecule.positions_nm, spec, steps_per_window=cfg.steps_per_window,
+                exchange_every=cfg.exchange_every, equilibration_steps=cfg.equilibration_steps,
+                temperature_K=molecule.temperature_K, seed=config.seed, out_dir=folder.path,
+                timestep_fs=config.md.timestep_fs, friction_per_ps=config.md.friction_per_ps,
+                report_every=cfg.report_every, platform="Reference" if cfg.platform == "auto" else cfg.platform,
+                progress=progress)
+        else:
+            grid_run = run_window_grid(
+                molecule.system, molecule.topology, molecule.positions_nm, spec, steps_per_window=steps,
+                equilibration_steps=cfg.equilibration_steps, temperature_K=molecule.temperature_K, seed=config.seed,
+                out_dir=folder.path, record_dihedrals=target.torsions, timestep_fs=config.md.timestep_fs,
+                friction_per_ps=config.md.friction_per_ps, report_every=cfg.report_every,
+                platform="Reference" if cfg.platform == "auto" else cfg.platform, workers=cfg.workers, progress=progress)
         grid = WindowGrid(grid_run.centers, grid_run.k / molecule.kT_kJ_per_mol, [cv.periodic for cv in cvs])
         analysis_started = time.perf_counter()
+        frames = _window_frames(target, grid_run, cvs)
+        if exchange_stats is not None:
+            state_changes = configuration_state_changes([w.replica for w in grid_run.windows], frames)
         try:
-            estimate = analyze_window_grid(grid, grid_run.values, _window_frames(target, grid_run, cvs), edges,
-                                           n_bootstrap=n_bootstrap, n_blocks=cfg.n_blocks, rng=config.seed)
+            estimate = analyze_window_grid(grid, grid_run.values, frames, edges,
+                                           n_bootstrap=n_bootstrap, n_blocks=cfg.n_blocks, rng=config.seed,
+                                           joint_blocks=cfg.exchange_every is not None)
             return grid_run, estimate, time.perf_counter() - analysis_started
         except ValueError as exc:
             raise RunError(f"{folder.path}: {exc} (umbrella.steps_per_window, umbrella.n_blocks)") from None
@@ -132,9 +163,14 @@ def windows_job(config: Config, resolved: dict[str, Any], run: RunDir, progress:
     grid_run, estimate, analysis_seconds = run_and_analyze(steps, cfg.n_bootstrap)
     summary = _windows_summary(config, target, cvs, grid_run, estimate, grid_run.wall_seconds + pilot_seconds +
                                analysis_seconds, time.perf_counter() - started, steps)
+    if exchange_stats is not None:
+        summary = dataclasses.replace(summary, windows={**summary.windows, "exchange": {
+            **exchange_summary(exchange_stats, cfg.exchange_every), "state_changes": state_changes}},
+            settings={**summary.settings, "exchange_every": cfg.exchange_every})
     checks = [c for cv, p in zip(cvs, summary.profiles.values()) if (c := md_check(run, cv, p)) is not None]
+    exchange_note = _exchange_warning(state_changes, cfg.n_blocks)
     summary = dataclasses.replace(summary, md_agreement=checks or None,
-                                  warnings=_warnings(checks, summary.free_energies, estimate) or None)
+                                  warnings=_warnings(checks, summary.free_energies, estimate, exchange_note) or None)
     _plots(folder, cvs, summary, estimate)
     if distributed.is_main():
         summary.write(folder.summary)
@@ -210,7 +246,9 @@ def _windows_summary(config: Config, target: Target, cvs: Sequence[CollectiveVar
                "k_unit": [f"kJ/mol/{cv.unit}^2" for cv in cvs], "statistical_inefficiency": est.statistical_inefficiency,
                "steps": list(steps), "n_pruned": int(sum(s < cfg.steps_per_window for s in steps)),
                "n_frames": est.n_frames, "n_uncorrelated": est.n_uncorrelated, "n_short_blocks": est.n_short_blocks,
-               "thinning": est.thinning, "f_k_kT": est.f_k}
+               "thinning": est.thinning, "f_k_kT": est.f_k,
+               "inconsistent_windows": [] if est.inconsistent_windows is None else
+               np.flatnonzero(est.inconsistent_windows).tolist()}
     return UmbrellaSummary(
         method="umbrella_windows", cvs=[cv.name for cv in cvs], temperature_K=float(target.molecule.temperature_K),
         free_energies=rows, profile=profiles[cvs[0].name], profiles=profiles, fes_2d=fes_2d, windows=windows,
@@ -280,8 +318,32 @@ def md_check(run: RunDir, cv: CollectiveVariable, profile: Profile) -> ProfileCh
                         max_abs_z=result.max_abs_z, chi2=result.chi2, p_value=result.p_value, disagree=result.disagree)
 
 
+def configuration_state_changes(replicas: Sequence[np.ndarray], states: Sequence[np.ndarray]) -> int:
+    """How often the configurations of an exchange run changed state: ``replicas`` per window ``[T]``
+    (which configuration each frame holds), ``states`` per window ``[T, S]`` bool; a frame's state is
+    the first it belongs to (-1 for none)."""
+    owner = np.stack(replicas)  # [K, T]
+    label = np.stack([np.where(s.any(axis=1), np.argmax(s, axis=1), -1) for s in states])
+    by_config = np.empty_like(label)
+    by_config[owner, np.arange(owner.shape[1])] = label
+    return int(np.sum(by_config[:, 1:] != by_config[:, :-1]))
+
+
+#: Fewer state changes of the configurations per bootstrap block than this make an exchange run's
+#: error unreliable: how many configurations sit in each state changes only through them.
+MIN_STATE_CHANGES_PER_BLOCK = 10
+
+
+def _exchange_warning(state_changes: int | None, n_blocks: int) -> str | None:
+    if state_changes is None or state_changes >= MIN_STATE_CHANGES_PER_BLOCK * n_blocks:
+        return None
+    return (f"the configurations changed state {state_changes} times in the exchange run, fewer than "
+            f"{MIN_STATE_CHANGES_PER_BLOCK} per bootstrap block: how many sit in each state is then barely sampled "
+            "and the ΔF error bar does not see it; run the windows longer")
+
+
 def _warnings(checks: Sequence[ProfileCheck], rows: Sequence[UmbrellaFreeEnergyRow],
-              estimate: GridEstimate | None = None) -> list[str]:
+              estimate: GridEstimate | None = None, exchange_note: str | None = None) -> list[str]:
     """What the reader of the summary must know: disagreement with MD, halves that disagree, thinning."""
     out = []
     for c in checks:
@@ -295,6 +357,17 @@ def _warnings(checks: Sequence[ProfileCheck], rows: Sequence[UmbrellaFreeEnergyR
         if len(halves) == 2 and math.isfinite(row.stderr_kT) and abs(halves[0] - halves[1]) > 3 * math.sqrt(2) * row.stderr_kT:
             out.append(f"ΔF {row.from_}→{row.to}: the first and second halves of the windows give {halves[0]:.3f} and "
                        f"{halves[1]:.3f} kT, further apart than the error allows; run the windows longer")
+    if estimate is not None and estimate.inconsistent_windows is not None and estimate.inconsistent_windows.any():
+        bad = np.flatnonzero(estimate.inconsistent_windows)
+        gap = np.abs(estimate.state_fractions - estimate.state_fractions_predicted)[bad].max(axis=1)
+        k = int(bad[np.argmax(gap)])
+        out.append(f"{len(bad)} windows hold another mixture of states than the unbiased ensemble of all windows "
+                   f"predicts under their bias (window {k}: {np.round(estimate.state_fractions[k], 3).tolist()} "
+                   f"against {np.round(estimate.state_fractions_predicted[k], 3).tolist()}): they did not relax along "
+                   "a coordinate the bias leaves free, and the ΔF error bar does not see it; bias that coordinate "
+                   "too, or exchange configurations between windows (umbrella.exchange_every) and run longer")
+    if exchange_note is not None:
+        out.append(exchange_note)
     if estimate is not None and estimate.thinning > 1:
         out.append(f"the frames were thinned by {estimate.thinning} to fit MBAR in memory")
     if estimate is not None and estimate.n_short_blocks:
