@@ -367,6 +367,14 @@ def _cmd_check_energy(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
+def _observable_ess(value: float) -> str:
+    """ESS_f / N for the terminal. Far above 1 it only says that the few samples where f differs carry
+    almost no weight, so the delta-method variance missed them: no number is shown (the JSON keeps it)."""
+    if not math.isfinite(value):
+        return "inf"
+    return f"{value:.3f}" if value <= 10 else "> 10 (unreliable: f varies only on near-zero weights)"
+
+
 def _cmd_sample(args: argparse.Namespace) -> int:
     from boltzgen.estimators.weights import KHAT_UNRELIABLE
     from boltzgen.runs.sample import sample_job
@@ -377,8 +385,7 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     if summary is None:  # a rank of a launch other than 0: rank 0 reports
         return 0
     khat = summary.pareto_khat
-    ess_obs = ", ".join(f"{key} {value:.3f}" if math.isfinite(value) else f"{key} inf"
-                        for key, value in summary.ess_per_observable.items())
+    ess_obs = ", ".join(f"{key} {_observable_ess(value)}" for key, value in summary.ess_per_observable.items())
     print("\n".join([
         f"samples file      {summary.samples_file}  ({summary.n_samples:,} samples, batch {summary.batch:,})",
         f"largest weight    {summary.max_normalized_weight:.3e} (normalized)",

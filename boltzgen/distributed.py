@@ -108,6 +108,13 @@ def start(env: Mapping[str, str] | None = None) -> World:
                            "torchrun --nproc_per_node N -m boltzgen ...")
         if not dist.is_available() or not dist.is_gloo_available():
             raise RunError("this torch build has no torch.distributed with gloo; run in one process")
+        # Imported on first use by torch.optim, torch._dynamo keeps (from C++) about ten references to a
+        # process group that exists at that moment; destroy_process_group then cannot free it, its gloo
+        # threads outlive stop() and are torn down at interpreter exit, where about one launch in 30
+        # died with "terminate called without an active exception". Imported before the group exists,
+        # it holds none.
+        import torch._dynamo  # noqa: F401
+
         # CPU tensors (counts, objects, CPU gradients) go over gloo, CUDA gradients over NCCL.
         cuda = torch.cuda.is_available() and dist.is_nccl_available()
         dist.init_process_group(backend="cpu:gloo,cuda:nccl" if cuda else "gloo", rank=found.rank,

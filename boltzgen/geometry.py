@@ -32,6 +32,14 @@ def wrap_angle(angle: Angles) -> Angles:
     return np.where(wrapped >= math.pi, wrapped - 2 * math.pi, wrapped)
 
 
+def wrap_circular(z: Tensor, circular: Tensor | None) -> Tensor:
+    """Wrap the dimensions of ``z`` (``[..., dim]``) flagged in the ``[dim]`` bool mask ``circular``
+    into [-pi, pi); the others pass unchanged (all of them when ``circular`` is None)."""
+    if circular is None or not bool(circular.any()):
+        return z
+    return torch.where(circular, wrap_angle(z), z)
+
+
 def bond_length(xi: Tensor, xj: Tensor) -> Tensor:
     """Distances ``|xi - xj|``; inputs ``[..., 3]``, output ``[...]``, in input length units."""
     return torch.linalg.vector_norm(xi - xj, dim=-1)

@@ -31,7 +31,7 @@ from torch import Tensor
 
 from boltzgen.energies.base import Energy
 from boltzgen.generator import BoltzmannGenerator
-from boltzgen.geometry import wrap_angle
+from boltzgen.geometry import wrap_angle, wrap_circular
 
 TARGET_ACCEPT_HMC = 0.65
 TARGET_ACCEPT_MALA = 0.57
@@ -99,13 +99,6 @@ def _merge(accept: Tensor, new: ChainState, old: ChainState) -> ChainState:
 # --------------------------------------------------------------------------------------------------
 
 
-def _wrap_circular(z: Tensor, circular: Tensor | None) -> Tensor:
-    """Wrap the dimensions flagged in the ``[dim]`` bool mask ``circular`` into [-pi, pi)."""
-    if circular is None or not bool(circular.any()):
-        return z
-    return torch.where(circular, wrap_angle(z), z)
-
-
 def _log_gaussian_kernel(d: Tensor, sigma: float, circular: Tensor | None) -> Tensor:
     """Log of an isotropic Gaussian kernel at displacement ``d`` (``[batch, dim]``), up to a constant.
 
@@ -116,7 +109,7 @@ def _log_gaussian_kernel(d: Tensor, sigma: float, circular: Tensor | None) -> Te
     linear = -0.5 * d**2 / sigma**2
     if circular is None or not bool(circular.any()):
         return linear.sum(-1)
-    n_images = int(math.ceil(8 * sigma / (2 * math.pi))) + 1
+    n_images = math.ceil(8 * sigma / (2 * math.pi)) + 1
     shifts = 2 * math.pi * torch.arange(-n_images, n_images + 1, dtype=_F64, device=d.device)
     wrapped = wrap_angle(d[:, circular])
     # Relative to the nearest image (the largest term, as |wrapped| <= pi), so the sum is >= 1 and
@@ -308,7 +301,7 @@ class IndependenceMetropolis(Move):
             return state
         gen = self.generator
         z, logdet = gen.flow.inverse(state.x.to(_flow_dtype(gen)))
-        z = _wrap_circular(z, gen.prior.circular)
+        z = wrap_circular(z, gen.prior.circular)
         log_q = (gen.prior.log_prob(z) + logdet).to(_F64)
         return ChainState(x=state.x, u=state.u, z=z, log_q=log_q, force=state.force)
 
@@ -367,7 +360,7 @@ class _LatentMove(_AdaptiveMove):
         z = state.z
         if z is None:
             z, _ = self.generator.flow.inverse(state.x.to(_flow_dtype(self.generator)))
-            z = _wrap_circular(z, self._circular)
+            z = wrap_circular(z, self._circular)
         prepared = self._evaluate(z)
         return ChainState(
             x=prepared.x.to(state.x),
@@ -449,7 +442,7 @@ class LatentHMC(_LatentMove):
         z = current.z
         p = p + 0.5 * eps * grad
         for i in range(self.n_leapfrog):
-            z = _wrap_circular(z + eps * p, circular)
+            z = wrap_circular(z + eps * p, circular)
             proposal = self._evaluate(z)
             bad = bad | self._bad(proposal)
             grad = self._safe_grad(proposal.grad_z, bad)
@@ -497,7 +490,7 @@ class LatentMALA(_LatentMove):
         stuck = self._bad(current)  # only a start can have zero density: any valid proposal is taken
         grad0 = self._safe_grad(current.grad_z, torch.zeros_like(stuck))
         z = current.z + 0.5 * eps**2 * grad0 + eps * torch.randn_like(current.z)
-        proposal = self._evaluate(_wrap_circular(z, circular))
+        proposal = self._evaluate(wrap_circular(z, circular))
         bad = self._bad(proposal)
         grad1 = self._safe_grad(proposal.grad_z, bad)
         log_alpha = _mala_log_alpha(

@@ -98,8 +98,10 @@ def density_2d(x_flow: np.ndarray, log_w: np.ndarray, exact_grid: tuple[np.ndarr
     return _save(fig, path)
 
 
-def ramachandran(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], path: Path) -> Path:
-    """Free energy -log p over (phi, psi) for each ``(title, phi, psi, log_w or None)``, in kT."""
+def ramachandran(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | None]], path: Path,
+                 names: tuple[str, str] = ("phi", "psi")) -> Path:
+    """Free energy -log p over (phi, psi) for each ``(title, phi, psi, log_w or None)``, in kT;
+    ``names`` label the axes (``phi1``, ``psi1`` for a residue other than the first)."""
     edges = np.linspace(-np.pi, np.pi, 61)
     fig, axes = plt.subplots(1, len(panels), figsize=(4.3 * len(panels), 4), sharey=True, squeeze=False)
     for ax, (title, phi, psi, log_w) in zip(axes[0], panels):
@@ -110,8 +112,8 @@ def ramachandran(panels: list[tuple[str, np.ndarray, np.ndarray, np.ndarray | No
         f -= np.min(f[np.isfinite(f)]) if np.isfinite(f).any() else 0.0
         mesh = ax.pcolormesh(edges, edges, f.T, vmin=0, vmax=12, cmap="viridis_r")
         ax.set_title(title)
-        ax.set_xlabel("phi [rad]")
-    axes[0][0].set_ylabel("psi [rad]")
+        ax.set_xlabel(f"{names[0]} [rad]")
+    axes[0][0].set_ylabel(f"{names[1]} [rad]")
     fig.colorbar(mesh, ax=list(axes[0]), label="F [kT]")
     return _save(fig, path)
 

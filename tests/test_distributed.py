@@ -178,3 +178,26 @@ def test_collectives_on_two_ranks(tmp_path: Path) -> None:
         assert torch.equal(got["shares"], torch.tensor([0.0, 1.0])) and got["any"] and got["sent"] == "from 0"
         assert float(got["scaled"]) == pytest.approx(2 * (1 + rank) / 3)
     assert ranks[0]["objects"] == [0, 1] and ranks[1]["objects"] is None
+
+
+def _gloo_threads() -> list[str]:
+    tasks = Path("/proc/self/task")
+    return [name for name in ((task / "comm").read_text().strip() for task in tasks.iterdir()) if "gloo" in name]
+
+
+def _teardown_worker(rank: int, out: str) -> None:
+    alive = _gloo_threads()
+    torch.optim.Adam(torch.nn.Linear(2, 2).parameters(), fused=True)  # as training does, inside the launch
+    distributed.stop()
+    Path(out, f"rank{rank}.txt").write_text(f"{len(alive)} {','.join(_gloo_threads())}")
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="lists threads through /proc")
+def test_leaving_a_launch_ends_the_gloo_threads(tmp_path: Path) -> None:
+    """An optimizer built inside a launch must not keep the process group alive past stop(): its gloo
+    threads would then be torn down at interpreter exit, where a rank can abort in C++."""
+    spawn(_teardown_worker, 2, str(tmp_path))
+    for rank in range(2):
+        during, after = (tmp_path / f"rank{rank}.txt").read_text().split(" ")
+        assert int(during) > 0  # the check can see gloo's threads
+        assert after == "", f"rank {rank}: gloo threads alive after stop(): {after}"

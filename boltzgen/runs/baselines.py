@@ -275,8 +275,10 @@ def md_job(config: Config, resolved: dict[str, Any], run: RunDir, progress: bool
         xy_fes_plot(target, cvs["x0"], cvs["x1"], data.log_w, data.source, folder.plot("fes"))
         observables = {name: cvs[name] for name in ("x0", "x1")}
     else:
-        plots.ramachandran([(data.source, cvs["phi"], cvs["psi"], None)], folder.plot("ramachandran"))
-        plots.free_energy_profiles([(data.source, *phi_profile(cvs["phi"], data.log_w))], folder.plot("phi_profile"))
+        phi, psi = target.plotted_torsions()
+        plots.ramachandran([(data.source, cvs[phi], cvs[psi], None)], folder.plot("ramachandran"), (phi, psi))
+        plots.free_energy_profiles([(data.source, *phi_profile(cvs[phi], data.log_w))], folder.plot("phi_profile"),
+                                   xlabel=f"{phi} [rad]")
         observables = {name: np.cos(cvs[name]) for name in ("phi", "psi")}
     summary = MDSummary(
         name=config.name, source=data.source, ess=kish_ess(log_w), n_samples=len(data.u),

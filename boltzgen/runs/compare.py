@@ -388,7 +388,7 @@ def _comparison(run: RunDir) -> _Comparison:
     if isinstance(config.system, OpenMMSystem):
         # The torsions come from the first trajectory read: comparing needs no force field.
         target = Target(None, resolve_states(config.states), torsions={})
-        grid = _Grid(["phi", "psi"], [(-math.pi, math.pi)] * 2, 36)
+        grid = _Grid(list(target.plotted_torsions()), [(-math.pi, math.pi)] * 2, 36)
     else:
         target = build_target(config)
         box = target.energy.box

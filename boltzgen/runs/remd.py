@@ -149,10 +149,11 @@ def _plots(folder: RemdDir, target: Target, result: Any, analysis: _Analysis, ac
     kept = np.isfinite(lw)
     cvs = {name: values[kept] for name, values in analysis.cvs.items()}
     if target.torsions is not None:
-        plots.ramachandran([("REMD, reweighted to target", cvs["phi"], cvs["psi"], lw[kept])],
-                           folder.plot("ramachandran"))
-        plots.free_energy_profiles([("REMD, reweighted to target", *phi_profile(cvs["phi"], lw[kept]))],
-                                   folder.plot("phi_profile"))
+        phi, psi = target.plotted_torsions()
+        plots.ramachandran([("REMD, reweighted to target", cvs[phi], cvs[psi], lw[kept])],
+                           folder.plot("ramachandran"), (phi, psi))
+        plots.free_energy_profiles([("REMD, reweighted to target", *phi_profile(cvs[phi], lw[kept]))],
+                                   folder.plot("phi_profile"), xlabel=f"{phi} [rad]")
         return
     xy_fes_plot(target, cvs["x0"], cvs["x1"], lw[kept], "REMD, reweighted to target", folder.plot("fes"))
 

@@ -27,6 +27,7 @@ from boltzgen.config import (
 )
 from boltzgen.energies.analytic import AnalyticEnergy, DoubleWell, GaussianMixture, ManyWell, MuellerBrown
 from boltzgen.energies.base import Energy
+from boltzgen.cvs import BACKBONE_TORSION
 from boltzgen.errors import RunError
 from boltzgen.estimators.free_energy import FreeEnergy
 from boltzgen.flows.build import build_flow
@@ -89,6 +90,16 @@ class Target:
         if self.torsions is None:
             return cartesian_cvs(x)
         return dihedral_cvs(np.asarray(x).reshape(len(x), -1, 3), self.torsions)
+
+    def plotted_torsions(self) -> tuple[str, str]:
+        """The ``(phiN, psiN)`` pair that plots of a molecule show: the residue of the first backbone
+        torsion the states use (tetra-alanine's ``phi1``), the first residue's when they use none."""
+        used = sorted(set().union(*(state.names_used() for state in self.states.values())))
+        for name in used:
+            match = BACKBONE_TORSION.match(name)
+            if match:
+                return f"phi{match.group(2)}", f"psi{match.group(2)}"
+        return "phi", "psi"
 
     def state_masks(self, cvs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Membership ``[n]`` bool of every state, in config order."""

@@ -243,19 +243,20 @@ def make_plots(run: RunDir, target: Target, data: TrainingData | None, samples: 
         plots.density_2d(samples.x_head, samples.log_w[: len(samples.x_head)], (edges[0], edges[1], p),
                          run.plot("density"))
         return
-    panels = [("flow", samples.cvs["phi"], samples.cvs["psi"], None),
-              ("flow, reweighted", samples.cvs["phi"], samples.cvs["psi"], samples.log_w)]
-    profiles = [("flow, reweighted", *phi_profile(samples.cvs["phi"], samples.log_w))]
+    phi, psi = target.plotted_torsions()
+    panels = [("flow", samples.cvs[phi], samples.cvs[psi], None),
+              ("flow, reweighted", samples.cvs[phi], samples.cvs[psi], samples.log_w)]
+    profiles = [("flow, reweighted", *phi_profile(samples.cvs[phi], samples.log_w))]
     if data is not None:
         data_cvs = target.cvs(data.x)
-        panels.insert(0, (data.source + (" + state-seeded" if data.seeded else ""), data_cvs["phi"], data_cvs["psi"],
+        panels.insert(0, (data.source + (" + state-seeded" if data.seeded else ""), data_cvs[phi], data_cvs[psi],
                           None))
         plain = data.plain()
         label = data.source + (" reweighted to target" if data.log_w is not None else "")
-        profiles.insert(0, (label, *phi_profile(data_cvs["phi"][: len(plain.x)], plain.log_w)))
-    plots.ramachandran(panels, run.plot("ramachandran"))
-    if umbrella is not None:
+        profiles.insert(0, (label, *phi_profile(data_cvs[phi][: len(plain.x)], plain.log_w)))
+    plots.ramachandran(panels, run.plot("ramachandran"), (phi, psi))
+    if umbrella is not None and phi == "phi":  # the flattened umbrella runs along the first phi
         prof = umbrella.profile
         profiles.append(("umbrella sampling (flattening bias)", np.asarray(prof.centers_rad), np.asarray(prof.f_kT),
                          np.asarray(prof.stderr_kT)))
-    plots.free_energy_profiles(profiles, run.plot("phi_profile"))
+    plots.free_energy_profiles(profiles, run.plot("phi_profile"), xlabel=f"{phi} [rad]")

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from boltzgen.generator import BoltzmannGenerator
-from boltzgen.geometry import wrap_angle
+from boltzgen.geometry import wrap_circular
 
 #: Elementwise bound on the latent gradient used by leapfrog (the Metropolis step uses exact densities).
 MAX_GRAD = 1e3
@@ -145,8 +145,7 @@ class LatentAIS:
         return (1.0 - beta + beta * self.b) * grad_lp + beta * point.grad_h
 
     def _wrap(self, z: Tensor) -> Tensor:
-        circular = self.generator.prior.circular
-        return torch.where(circular, wrap_angle(z), z) if bool(circular.any()) else z
+        return wrap_circular(z, self.generator.prior.circular)
 
     # --- the run --------------------------------------------------------------------------------
 

@@ -138,3 +138,17 @@ def test_bad_arguments_are_one_line_exit_2(run_dir, capsys):
     assert cli.main(["mcmc", str(run_dir), "--steps", "1", "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1 and "--steps" in err
+
+
+def test_an_observable_ess_far_above_one_is_not_printed_as_a_number():
+    """A rare state seen only by near-zero weights gives a delta-method ESS_f/N of ~1e21: the terminal
+    must not show that as a figure of merit."""
+    from boltzgen.estimators.weights import ess_per_observable
+
+    log_w = np.concatenate([[0.0], np.full(999, -60.0)])
+    indicator = np.concatenate([[0.0], np.ones(999)])  # the state only where the weights vanish
+    value = ess_per_observable(log_w, indicator)
+    assert value > 10
+    assert cli._observable_ess(value).startswith("> 10 (unreliable")
+    assert cli._observable_ess(0.25) == "0.250"
+    assert cli._observable_ess(math.inf) == "inf"

@@ -22,7 +22,7 @@ from boltzgen.runs.chains import mcmc_job
 from boltzgen.runs import train as train_module
 from boltzgen.runs.rundir import RunDir
 from boltzgen.runs.summaries import FreeEnergyRow, MDSummary
-from boltzgen.runs.target import build_target, load_run
+from boltzgen.runs.target import Target, build_target, load_run
 from boltzgen.states import resolve_states
 from boltzgen.trajectory import read_samples
 from boltzgen.training import METRIC_FIELDS, Trainer
@@ -461,3 +461,12 @@ def test_summary_says_why_a_free_energy_is_missing(capsys):
     out = capsys.readouterr().out
     assert "ΔF A→B" in out and "not estimable: no samples in B" in out
     assert "inf" not in out and "nan" not in out
+
+
+@pytest.mark.parametrize(("states", "expected"), [
+    ({"A": "not B", "B": "0 < phi1 < 2.2"}, ("phi1", "psi1")),  # tetra-alanine: the central residue
+    ({"A": "phi < 0", "B": "phi > 0"}, ("phi", "psi")),
+    ({"A": "x0 < 0", "B": "x0 > 0"}, ("phi", "psi")),
+])
+def test_plots_show_the_residue_the_states_are_defined_on(states, expected):
+    assert Target(None, resolve_states(states), torsions={}).plotted_torsions() == expected
