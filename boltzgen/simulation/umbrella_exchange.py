@@ -38,11 +38,7 @@ from tqdm.auto import tqdm
 from boltzgen.cvs import evaluate_cvs
 from boltzgen.estimators.umbrella_grid import WindowGrid
 from boltzgen.simulation.langevin import openmm_seed
-from boltzgen.simulation.umbrella_grid import (
-    WindowGridRun,
-    WindowGridSpec,
-    _seed_windows,
-)
+from boltzgen.simulation.umbrella_grid import WindowGridRun, WindowGridSpec, md_settings, window_starts
 from boltzgen.units import kT_kJ_per_mol
 
 
@@ -208,14 +204,9 @@ def run_window_exchange(system: openmm.System, topology: app.Topology, positions
                          f"equilibration_steps ({equilibration_steps}) a multiple of report_every")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = {"temperature_K": float(temperature_K), "timestep_fs": float(timestep_fs),
-          "friction_per_ps": float(friction_per_ps), "report_every": int(report_every), "platform": platform}
-    pos0 = np.asarray(positions_nm, dtype=np.float64)
-    if equilibration_steps:
-        seeds, seed_steps, seed_wall = _seed_windows(system, pos0, spec, md, equilibration_steps, seed,
-                                                     out_dir / "seeds.json", progress)
-    else:
-        seeds, seed_steps, seed_wall = np.broadcast_to(pos0, (len(spec.centers), *pos0.shape)), 0, 0.0
+    md = md_settings(temperature_K, timestep_fs, friction_per_ps, report_every, platform)
+    seeds, seed_steps, seed_wall = window_starts(system, positions_nm, spec, md, equilibration_steps, seed, out_dir,
+                                                 progress)
     key = _fingerprint(openmm.XmlSerializer.serialize(system), seeds.tolist(), spec.centers.tolist(), list(spec.k),
                        [cv.__dict__ for cv in spec.cvs], md, steps_per_window, exchange_every, seed)
     path = out_dir / "exchange.npz"

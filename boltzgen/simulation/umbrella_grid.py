@@ -124,6 +124,23 @@ def _fingerprint(*parts: Any) -> str:
     return h.hexdigest()
 
 
+def md_settings(temperature_K: float, timestep_fs: float, friction_per_ps: float, report_every: int,
+                platform: str) -> dict[str, Any]:
+    """The Langevin settings every window shares, as the run's fingerprint and the workers take them."""
+    return {"temperature_K": float(temperature_K), "timestep_fs": float(timestep_fs),
+            "friction_per_ps": float(friction_per_ps), "report_every": int(report_every), "platform": platform}
+
+
+def window_starts(system: openmm.System, positions_nm: Any, spec: WindowGridSpec, md: Mapping[str, Any],
+                  equilibration_steps: int, seed: int, out_dir: Path, progress: bool) -> tuple[np.ndarray, int, float]:
+    """Every window's start ``[K, n_atoms, 3]`` (nm): from the seeding walk when ``equilibration_steps``
+    (cached in ``out_dir/seeds.json``), else the given positions; with the walk's steps and seconds."""
+    pos0 = np.asarray(positions_nm, dtype=np.float64)
+    if equilibration_steps:
+        return _seed_windows(system, pos0, spec, md, equilibration_steps, seed, out_dir / "seeds.json", progress)
+    return np.broadcast_to(pos0, (len(spec.centers), *pos0.shape)), 0, 0.0
+
+
 def _seed_windows(system: openmm.System, positions_nm: np.ndarray, spec: WindowGridSpec, md: Mapping[str, Any],
                   steps: int, seed: int, path: Path, progress: bool) -> tuple[np.ndarray, int, float]:
     """The start of every window ``[K, n_atoms, 3]`` (nm), its cost in steps and its wall time (s);
@@ -234,14 +251,9 @@ def run_window_grid(system: openmm.System, topology: app.Topology, positions_nm:
                          f"must be multiples of report_every ({report_every}), the first positive")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    md = dict(temperature_K=float(temperature_K), timestep_fs=float(timestep_fs),
-              friction_per_ps=float(friction_per_ps), report_every=int(report_every), platform=platform)
-    pos0 = np.asarray(positions_nm, dtype=np.float64)
-    if equilibration_steps:
-        seeds, seed_steps, seed_wall = _seed_windows(system, pos0, spec, md, equilibration_steps, seed,
-                                                     out_dir / "seeds.json", progress)
-    else:
-        seeds, seed_steps, seed_wall = np.broadcast_to(pos0, (len(spec.centers), *pos0.shape)), 0, 0.0
+    md = md_settings(temperature_K, timestep_fs, friction_per_ps, report_every, platform)
+    seeds, seed_steps, seed_wall = window_starts(system, positions_nm, spec, md, equilibration_steps, seed, out_dir,
+                                                 progress)
     record = {**(record_dihedrals or {}), **{cv.name: cv.atoms for cv in spec.cvs if cv.kind == "torsion"}}
     jobs = _jobs(system, topology, spec, seeds, md, steps, seed, out_dir, record)
     started = time.perf_counter()
