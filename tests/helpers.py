@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from boltzgen import cli
 from boltzgen.config import load_config
 from boltzgen.energies import native
 from boltzgen.runs.rundir import RunDir
@@ -39,3 +40,12 @@ def skip_without_kernel() -> None:
     """Skip the calling test, with the reason, where the force field's C kernel cannot be built."""
     if native.load_kernel() is None:
         pytest.skip(f"C kernel unavailable: {native.unavailable_reason()}")
+
+
+def one_line(argv: list[str], capsys) -> str:
+    """Run ``boltzgen argv``, which must fail with exit 2 and one line on stderr (no traceback); the line."""
+    capsys.readouterr()
+    assert cli.main(argv) == 2, argv
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("boltzgen: error: ") and "Traceback" not in err, err
+    return err

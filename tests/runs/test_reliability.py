@@ -18,7 +18,7 @@ from boltzgen import cli
 from boltzgen.errors import describe_environment_error
 from boltzgen.runs.rundir import RunDir
 from boltzgen.states import StateDefinition
-from tests.helpers import ROOT, train_tiny_double_well
+from tests.helpers import ROOT, one_line, train_tiny_double_well
 
 DOUBLE_WELL = ROOT / "systems" / "double_well.yaml"
 ALANINE = ROOT / "systems" / "alanine.yaml"
@@ -29,14 +29,6 @@ TINY = ["--set", "training[0].steps=2", "--set", "training[1].steps=2", "--set",
 @pytest.fixture(scope="module")
 def run_dir(tmp_path_factory) -> Path:
     return train_tiny_double_well(tmp_path_factory.mktemp("dw") / "run", ml_steps=20, mixed_steps=10)
-
-
-def one_line(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    assert cli.main(argv) == 2, argv
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("boltzgen: error: ") and "Traceback" not in err, err
-    return err
 
 
 def folder_digest(folder: Path) -> dict[str, str]:

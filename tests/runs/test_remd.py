@@ -21,20 +21,12 @@ from boltzgen.runs.summaries import MDSummary, RemdSummary
 from boltzgen.runs.target import build_target
 from boltzgen.simulation.remd import RemdResult
 from boltzgen.trajectory import read_samples
-from tests.helpers import ROOT
+from tests.helpers import ROOT, one_line
 
 PARTICLE = ROOT / "systems" / "mueller_brown_particle.yaml"
 ALANINE = ROOT / "systems" / "alanine.yaml"
 SHORT_REMD = ["--set", "remd.iterations=60", "--set", "remd.equilibration_iterations=10", "--set", "remd.n_blocks=5",
               "--set", "remd.steps_per_exchange=100", "--set", "remd.checkpoint_every=20", "--no-progress"]
-
-
-def one_line(argv: list[str], capsys) -> str:
-    capsys.readouterr()
-    assert cli.main(argv) == 2, argv
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and err.startswith("boltzgen: error: ") and "Traceback" not in err, err
-    return err
 
 
 def test_remd_on_the_particle_writes_summary_samples_and_plots(tmp_path: Path, capsys) -> None:
