@@ -63,28 +63,34 @@ def exact_bin_profile(edges: np.ndarray, temperature_K: float = 300.0) -> np.nda
     return f - f.min()
 
 
-def make_chain() -> tuple[openmm.System, app.Topology, np.ndarray]:
-    """A 4-atom chain with soft bonds (so 4 fs steps are stable) and one torsion."""
+def _soft_chain(n_atoms: int) -> tuple[openmm.System, app.Topology]:
+    """``n_atoms`` carbons in a row with soft bonds (so 4 fs steps are stable) and angles, no torsion yet."""
     system = openmm.System()
-    for _ in range(4):
+    for _ in range(n_atoms):
         system.addParticle(12.0)
     bonds = openmm.HarmonicBondForce()
-    for i in range(3):
+    for i in range(n_atoms - 1):
         bonds.addBond(i, i + 1, 0.15, 1.0e4)
     angles = openmm.HarmonicAngleForce()
-    for i in range(2):
+    for i in range(n_atoms - 2):
         angles.addAngle(i, i + 1, i + 2, 1.91, 400.0)
+    system.addForce(bonds)
+    system.addForce(angles)
+    top = app.Topology()
+    res = top.addResidue("MOL", top.addChain())
+    atoms = [top.addAtom(f"C{i}", app.element.carbon, res) for i in range(n_atoms)]
+    for i in range(n_atoms - 1):
+        top.addBond(atoms[i], atoms[i + 1])
+    return system, top
+
+
+def make_chain() -> tuple[openmm.System, app.Topology, np.ndarray]:
+    """A 4-atom chain with soft bonds (so 4 fs steps are stable) and one torsion."""
+    system, top = _soft_chain(4)
     torsion = openmm.PeriodicTorsionForce()
     for n, phase, k in TORSION_TERMS:
         torsion.addTorsion(*CHAIN, n, phase, k)
-    for force in (bonds, angles, torsion):
-        system.addForce(force)
-    top = app.Topology()
-    chain = top.addChain()
-    res = top.addResidue("MOL", chain)
-    atoms = [top.addAtom(f"C{i}", app.element.carbon, res) for i in range(4)]
-    for i in range(3):
-        top.addBond(atoms[i], atoms[i + 1])
+    system.addForce(torsion)
     positions = np.array([[0.0, 0.15, 0.0], [0.0, 0.0, 0.0], [0.15, 0.0, 0.0], [0.2, 0.1, 0.1]])
     return system, top, positions
 
@@ -122,25 +128,11 @@ def make_chain_2d() -> tuple[openmm.System, app.Topology, np.ndarray]:
     The Jacobian of the chain's internal coordinates does not involve the torsions, so the joint
     marginal of (phi, psi) is exactly proportional to ``exp(-v_torsions_2d / kT)``.
     """
-    system = openmm.System()
-    for _ in range(5):
-        system.addParticle(12.0)
-    bonds = openmm.HarmonicBondForce()
-    for i in range(4):
-        bonds.addBond(i, i + 1, 0.15, 1.0e4)
-    angles = openmm.HarmonicAngleForce()
-    for i in range(3):
-        angles.addAngle(i, i + 1, i + 2, 1.91, 400.0)
+    system, top = _soft_chain(5)
     torsions = openmm.CustomCompoundBondForce(5, "6*(1 + cos(a)) + 1.5*(1 + cos(2*a - 1)) + 3*(1 + cos(b - 0.5)) "
                                                  "+ 2*cos(a + b); a = dihedral(p1, p2, p3, p4); b = dihedral(p2, p3, p4, p5)")
     torsions.addBond([0, 1, 2, 3, 4], [])
-    for force in (bonds, angles, torsions):
-        system.addForce(force)
-    top = app.Topology()
-    res = top.addResidue("MOL", top.addChain())
-    atoms = [top.addAtom(f"C{i}", app.element.carbon, res) for i in range(5)]
-    for i in range(4):
-        top.addBond(atoms[i], atoms[i + 1])
+    system.addForce(torsions)
     positions = np.array([[0.0, 0.15, 0.0], [0.0, 0.0, 0.0], [0.15, 0.0, 0.0], [0.2, 0.1, 0.1], [0.35, 0.1, 0.12]])
     return system, top, positions
 
