@@ -48,8 +48,8 @@ def _worker(config_path: str, steps: int, threads: int) -> dict[str, Any] | None
 
     from boltzgen import distributed
     from boltzgen.config import load_config
-    from boltzgen.runs.target import build_generator, build_target, reference_structure, to_flow_dtype
-    from boltzgen.training import Trainer
+    from boltzgen.runs.target import build_target, reference_structure
+    from stage_steps import stage_step, stage_trainer
 
     with distributed.launched() as world:
         torch.set_num_threads(threads)
@@ -61,23 +61,16 @@ def _worker(config_path: str, steps: int, threads: int) -> dict[str, Any] | None
             data = x_ref + 0.003 * torch.randn(4096, x_ref.shape[1], dtype=torch.float64)
         else:
             data = torch.randn(4096, target.energy.dim, dtype=torch.float64)
-        dtype = getattr(torch, config.dtype)
-        generator = build_generator(config, target, data)
-        to_flow_dtype(generator, torch.device("cpu"), dtype)
-        distributed.reseed_ranks(0)
         rates: dict[str, Any] = {"ranks": world.size, "threads": threads}
         with tempfile.TemporaryDirectory() as folder:
-            trainer = Trainer(generator, config.training, Path(folder) / "c.pt", Path(folder) / "m.csv",
-                              data=data.to(dtype), log_every=10**9, progress=False)
+            generator, trainer = stage_trainer(config, target, data, Path(folder))
+            distributed.reseed_ranks(0)
             trainer._initialize_from_data()
             distributed.broadcast_module(generator)
             generator.train()
             started = time.perf_counter()
             for i, stage in enumerate(config.training):
-                def step(i: int = i) -> None:
-                    trainer.step = trainer.stage_ends[i] - config.training[i].steps  # stay inside stage i
-                    trainer._step(started)
-
+                step = stage_step(trainer, i, started)
                 for _ in range(WARMUP_STEPS):
                     step()
                 distributed.barrier()

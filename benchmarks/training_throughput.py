@@ -90,26 +90,16 @@ def _setup(config_path: str) -> tuple[Any, Any, Any]:
 
 
 def _worker_boltzgen(config_path: str, seconds: float) -> dict[str, float]:
-    import torch
-
-    from boltzgen.runs.target import build_generator, to_flow_dtype
-    from boltzgen.training import Trainer
+    from stage_steps import stage_step, stage_trainer
 
     config, target, data = _setup(config_path)
-    dtype = getattr(torch, config.dtype)
-    generator = build_generator(config, target, data)
-    to_flow_dtype(generator, torch.device("cpu"), dtype)
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
-        trainer = Trainer(generator, config.training, Path(folder) / "c.pt", Path(folder) / "m.csv",
-                          data=data.to(dtype), log_every=10**9, progress=False)
+        generator, trainer = stage_trainer(config, target, data, Path(folder))
         generator.train()
         started = time.perf_counter()
-        for i, stage in enumerate(config.training):
-            def step(i: int = i) -> None:
-                trainer.step = trainer.stage_ends[i] - config.training[i].steps  # stay inside stage i
-                trainer._step(started)
-            rates[f"stage {i} steps/s"] = _rate(step, 1, seconds, warmup=5)
+        for i in range(len(config.training)):
+            rates[f"stage {i} steps/s"] = _rate(stage_step(trainer, i, started), 1, seconds, warmup=5)
     generator.eval()
     batch = min(config.sampling.batch, 10_000)
     rates["samples/s"] = _rate(lambda: generator.sample(batch, batch), batch, seconds, warmup=1)
