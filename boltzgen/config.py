@@ -246,6 +246,10 @@ class MDConfig(StrictModel):
     in that state from a short hot MD (``hot_temperature_K``, ``hot_steps``). Those runs sample each basin's local structure at the
     run temperature; their relative weights are wrong and are fixed by reverse KL and reweighting,
     so they never enter the MD baseline's estimates.
+
+    ``symmetrize_rotors``: for training only, every data frame the flow sees has the three atoms of
+    each rotor (a methyl's hydrogens: see :mod:`boltzgen.symmetry`) relabelled by a random cyclic
+    shift, so the data hold a rotor's three wells equally, as the Boltzmann distribution does.
     """
 
     steps: int = Field(default=200_000, ge=1, le=MAX_STEPS)
@@ -261,6 +265,7 @@ class MDConfig(StrictModel):
     seeded_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     hot_temperature_K: Temperature = 1000.0
     hot_steps: int = Field(default=500_000, ge=1, le=MAX_STEPS)
+    symmetrize_rotors: bool = True
 
     @model_validator(mode="after")
     def _runs_are_multiples_of_report_every(self) -> "MDConfig":

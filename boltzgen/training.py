@@ -131,7 +131,9 @@ class Trainer:
     """Runs training stages in order, logging a CSV row per logged step and checkpointing.
 
     ``checkpoint_path`` and ``metrics_path`` are the checkpoint (torch) and the metrics CSV.
-    ``data`` ([n, dim], the flow's dtype and device) is required by forward-KL and mixed stages.
+    ``data`` ([n, dim], the flow's dtype and device) is required by forward-KL and mixed stages;
+    ``augment`` maps every data batch ``[batch, dim]`` to an equally probable one (a symmetry of the
+    target, such as :func:`boltzgen.symmetry.random_relabel`) before the flow sees it.
     Resuming restores parameters, optimizer, step, RNG states and counters, and truncates the
     metrics to the checkpoint's step so no row is duplicated or lost. ``fab`` and ``annealing``
     stages run in :mod:`boltzgen.stages`; their state (replay buffer, HMC step sizes, reweighted
@@ -145,6 +147,7 @@ class Trainer:
         checkpoint_path: Path,
         metrics_path: Path,
         data: Tensor | None = None,
+        augment: Callable[[Tensor], Tensor] | None = None,
         checkpoint_every: int = 500,
         log_every: int = 10,
         progress: bool = True,
@@ -152,6 +155,7 @@ class Trainer:
         self.generator = generator
         self.stages = stages
         self.data = data
+        self.augment = augment
         self.checkpoint_every = checkpoint_every
         self.log_every = log_every
         self.progress = progress
@@ -205,7 +209,7 @@ class Trainer:
     def _data_batch(self, batch: int) -> Tensor:
         assert self.data is not None
         idx = torch.randint(0, self.data.shape[0], (batch,), device=self.data.device)
-        return self.data[idx]
+        return self.data[idx] if self.augment is None else self.augment(self.data[idx])
 
     def _initialize_from_data(self) -> None:
         """Data-dependent initialization (ActNorm) runs on the first inverse pass, with real data."""

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import csv
 import io
+import sys
 import time
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -31,6 +33,7 @@ from boltzgen.runs.sample import (
     log_z_row,
     sample_free_energies,
 )
+from boltzgen.symmetry import energy_invariant_rotors, find_rotors, random_relabel
 from boltzgen.runs.summaries import BaselineSummary, TrainSummary, UmbrellaSummary
 from boltzgen.runs.target import (
     Target,
@@ -137,8 +140,9 @@ def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: T
     # The Trainer gets the data only when a stage trains on them: they also initialize ActNorm, and
     # the baseline of a target trained without data can miss modes (the 32-D many-well's MALA does).
     used = x_train is not None and trains_on_data(config)
+    augment = _rotor_relabelling(config, target, x_train, device) if used else None
     trainer = Trainer(generator, config.training, run.checkpoint, run.metrics,
-                      data=x_train.to(device=device, dtype=dtype) if used else None,
+                      data=x_train.to(device=device, dtype=dtype) if used else None, augment=augment,
                       checkpoint_every=config.checkpoint_every, log_every=config.log_every, progress=progress)
 
     def commit() -> None:  # the checkpoint loaded: from here on the run is this config's
@@ -160,6 +164,22 @@ def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: T
             target.energy.evaluations = generator.energy.evaluations
             generator.energy = target.energy
     return generator, trainer
+
+
+def _rotor_relabelling(config: Config, target: Target, x_train: torch.Tensor,
+                       device: torch.device) -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """The data augmentation of ``md.symmetrize_rotors``: a random cyclic relabelling of every rotor
+    whose relabelling leaves the energy of the first data frames unchanged (None without rotors)."""
+    if target.molecule is None or not config.md.symmetrize_rotors:
+        return None
+    rotors, dropped = energy_invariant_rotors(find_rotors(target.topology), target.energy, x_train[:8])
+    if dropped and distributed.is_main():
+        print(f"WARNING: md.symmetrize_rotors: the force field tells apart the atoms of rotor(s) {dropped}; "
+              "their data are not relabelled", file=sys.stderr)
+    if len(rotors) == 0:
+        return None
+    atoms = torch.as_tensor(rotors, device=device)
+    return partial(random_relabel, rotors=atoms)
 
 
 def check_flow(config: Config) -> None:

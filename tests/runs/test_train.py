@@ -470,3 +470,21 @@ def test_summary_says_why_a_free_energy_is_missing(capsys):
 ])
 def test_plots_show_the_residue_the_states_are_defined_on(states, expected):
     assert Target(None, resolve_states(states), torsions={}).plotted_torsions() == expected
+
+
+@pytest.mark.parametrize("symmetrize", [True, False])
+def test_alanine_training_batches_relabel_its_three_methyls(symmetrize):
+    config, _ = load_config(ALANINE)
+    config = config.model_copy(update={"md": config.md.model_copy(update={"symmetrize_rotors": symmetrize})})
+    target = build_target(config)
+    x = torch.as_tensor(target.molecule.positions_nm).reshape(1, -1).repeat(600, 1)
+    augment = train_module._rotor_relabelling(config, target, x, torch.device("cpu"))
+    if not symmetrize:
+        assert augment is None
+        return
+    changed = (augment(x) != x).reshape(600, -1, 3).any(-1)
+    assert sorted(np.flatnonzero(changed.any(0).numpy()).tolist()) == [1, 2, 3, 11, 12, 13, 19, 20, 21]
+    # Two of the three shifts move a rotor: ~400 of 600 rows, independently per rotor.
+    per_rotor = changed[:, [1, 11, 19]].sum(0)
+    assert ((per_rotor > 340) & (per_rotor < 460)).all(), per_rotor
+    assert 0 < int((changed[:, 1] != changed[:, 11]).sum()) < 600
