@@ -247,6 +247,11 @@ class MDConfig(StrictModel):
     run temperature; their relative weights are wrong and are fixed by reverse KL and reweighting,
     so they never enter the MD baseline's estimates.
 
+    ``confine_seeded``: a seeded run carries flat-bottom walls at its state's bounds when the state
+    is a box of CVs (``"0 < phi < 2.2"``; zero inside, so the frames inside follow the Boltzmann
+    distribution restricted to the state), so that it keeps sampling a state that it would otherwise
+    leave at once (alanine's alpha_L in implicit solvent kept 4 % of an unconfined run's frames).
+
     ``symmetrize_rotors``: for training only, every data frame the flow sees has the three atoms of
     each rotor (a methyl's hydrogens: see :mod:`boltzgen.symmetry`) relabelled by a random cyclic
     shift, so the data hold a rotor's three wells equally, as the Boltzmann distribution does.
@@ -265,6 +270,7 @@ class MDConfig(StrictModel):
     seeded_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     hot_temperature_K: Temperature = 1000.0
     hot_steps: int = Field(default=500_000, ge=1, le=MAX_STEPS)
+    confine_seeded: bool = True
     symmetrize_rotors: bool = True
 
     @model_validator(mode="after")

@@ -181,6 +181,42 @@ def _evaluate(node: ast.expr, cvs: Mapping[str, np.ndarray]) -> Any:
     raise AssertionError(f"unchecked node {ast.dump(node)}")  # _check admits nothing else
 
 
+def _constant(node: ast.expr) -> float | None:
+    """The value of a sub-expression that reads no CV, else None."""
+    if any(isinstance(n, ast.Name) and n.id not in CONSTANTS for n in ast.walk(node)):
+        return None
+    return float(_evaluate(node, {}))
+
+
+def _box(node: ast.expr) -> dict[str, tuple[float, float]] | None:
+    if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.And):
+        box: dict[str, tuple[float, float]] = {}
+        for part in map(_box, node.values):
+            if part is None:
+                return None
+            for name, (low, high) in part.items():
+                old_low, old_high = box.get(name, (-math.inf, math.inf))
+                box[name] = (max(low, old_low), min(high, old_high))
+        return box
+    if not isinstance(node, ast.Compare):
+        return None
+    box = {}
+    operands = [node.left, *node.comparators]
+    for op, left, right in zip(node.ops, operands, operands[1:]):
+        if not isinstance(op, (ast.Lt, ast.LtE, ast.Gt, ast.GtE)):
+            return None
+        upper = isinstance(op, (ast.Lt, ast.LtE))  # left < right: right bounds left from above
+        for cv, bound, cv_is_left in ((left, right, True), (right, left, False)):
+            value = _constant(bound)
+            if isinstance(cv, ast.Name) and cv.id not in CONSTANTS and value is not None:
+                low, high = box.get(cv.id, (-math.inf, math.inf))
+                box[cv.id] = (low, min(high, value)) if upper == cv_is_left else (max(low, value), high)
+                break
+        else:
+            return None
+    return box
+
+
 @dataclass(frozen=True)
 class StateDefinition:
     """A state given by a boolean expression over CVs, e.g. ``StateDefinition("0 < phi < 2.2")``.
@@ -225,6 +261,13 @@ class StateDefinition:
     def complement(self) -> StateDefinition:
         """The state of every sample not in this one: ``not (<expression>)``."""
         return StateDefinition(f"not ({self.expression})")
+
+    def box(self) -> dict[str, tuple[float, float]] | None:
+        """The state as bounds ``{cv: (low, high)}`` (``-inf``/``inf`` where one side is open), when
+        it is a conjunction of comparisons between a CV and constants, such as ``"0 < phi < 2.2"`` or
+        ``"x0 > 0.5 and x1 < -pi/4"``; ``None`` for any other expression (``or``, ``not``, CV
+        arithmetic, ``==``). Strict and non-strict bounds are not told apart."""
+        return _box(self._tree)
 
 
 def names_used(expression: str) -> frozenset[str]:

@@ -206,3 +206,28 @@ def test_unknown_residue_index_names_the_state_that_wrote_it() -> None:
     assert "phi0, phi1, phi2, phi, psi0" in message and "from 0 in chain order" in message
     with pytest.raises(ValueError, match="^A: unknown CV x0; this system's CVs are none$"):
         check_state_cvs(resolve_states({"A": "x0 < 0"}), [])
+
+
+@pytest.mark.parametrize(("expression", "box"), [
+    ("0 < phi < 2.2", {"phi": (0.0, 2.2)}),
+    ("2.2 > phi >= -1", {"phi": (-1.0, 2.2)}),
+    ("x0 > 0.5 and x1 < -pi/4", {"x0": (0.5, math.inf), "x1": (-math.inf, -math.pi / 4)}),
+    ("phi > 0 and phi < 1 and phi > 0.5", {"phi": (0.5, 1.0)}),
+    ("not (0 < phi < 2.2)", None),
+    ("phi > 0 or psi < 1", None),
+    ("phi + psi > 0", None),
+    ("abs(phi) < 1", None),
+    ("phi == 0", None),
+    ("1 < 2 and phi > 0", None),
+])
+def test_a_conjunction_of_bounds_is_a_box_and_nothing_else_is(expression, box):
+    assert StateDefinition(expression).box() == box
+
+
+def test_a_box_holds_exactly_the_states_members():
+    rng = np.random.default_rng(0)
+    cvs = {"x0": rng.uniform(-2, 2, 5000), "x1": rng.uniform(-2, 2, 5000)}
+    state = StateDefinition("-0.5 < x0 < 1.2 and x1 >= 0.3")
+    (low0, high0), (low1, high1) = state.box()["x0"], state.box()["x1"]
+    inside = (cvs["x0"] > low0) & (cvs["x0"] < high0) & (cvs["x1"] > low1) & (cvs["x1"] < high1)
+    assert np.array_equal(state.evaluate(cvs), inside)

@@ -16,6 +16,7 @@ import openmm
 import torch
 
 from boltzgen import distributed, plots
+from boltzgen.cvs import resolve_cv
 from boltzgen.config import Config, MuellerBrownParticleSystem, OpenMMSystem, dump_config
 from boltzgen.energies.base import Energy
 from boltzgen.errors import RunError
@@ -106,7 +107,7 @@ def run_baseline_mala(config: Config, energy: Energy, progress: bool) -> Trainin
 
 
 def _langevin(config: Config, target: Target, start_nm: np.ndarray, temperature_K: float, steps: int, out_h5: Any,
-              progress: bool, seed_offset: int = 0) -> Any:
+              progress: bool, seed_offset: int = 0, bias: list[openmm.Force] | None = None) -> Any:
     from boltzgen.simulation.langevin import run_langevin
 
     md, molecule = config.md, target.molecule
@@ -117,13 +118,17 @@ def _langevin(config: Config, target: Target, start_nm: np.ndarray, temperature_
             seed=md.seed + config.seed + seed_offset, timestep_fs=md.timestep_fs,
             friction_per_ps=md.friction_per_ps, platform=md.platform, out_h5=out_h5,
             checkpoint=MDDir.checkpoint(out_h5), checkpoint_every=max(1, steps // md.report_every // 20),
-            resume=True, progress=progress,
+            resume=True, progress=progress, bias=bias,
         )
     except openmm.OpenMMException as exc:
         if "nan" not in str(exc).lower():
             raise
         raise RunError(f"{out_h5}: the MD at {temperature_K:g} K blew up (NaN coordinates) with md.timestep_fs = "
                        f"{md.timestep_fs:g}; lower md.timestep_fs (1-2 fs without constraints)") from None
+
+
+#: The seeded runs' walls, kJ/mol per rad^2 (torsions) or nm^2: 0.1 rad outside a torsion's bounds costs 4 kT at 300 K.
+WALL_K = 1000.0
 
 
 def _seeded_state_runs(config: Config, target: Target, plain: Any, folder: MDDir, progress: bool) -> tuple[list, Any]:
@@ -151,8 +156,21 @@ def _seeded_state_runs(config: Config, target: Target, plain: Any, folder: MDDir
         best = candidates[np.argmin(hot.potential_energy_kJ_mol[candidates])]
         start = minimize_positions(target.molecule, hot.positions_nm[best].astype(np.float64))
         runs.append(_langevin(config, target, start, md.temperature_K or target.molecule.temperature_K,
-                              md.seeded_steps or md.steps, folder.seeded_trajectory(name), progress, seed_offset=k))
+                              md.seeded_steps or md.steps, folder.seeded_trajectory(name), progress, seed_offset=k,
+                              bias=_state_walls(target, name) if md.confine_seeded else None))
     return runs, hot
+
+
+def _state_walls(target: Target, name: str) -> list[openmm.Force] | None:
+    """Flat-bottom walls (:data:`WALL_K`) at the bounds of state ``name`` when it is a box of CVs
+    (``"0 < phi < 2.2"``), else None: the seeded run then stays in the state it is seeded in."""
+    from boltzgen.simulation.walls import wall_forces
+
+    box = target.states[name].box()
+    if not box:
+        return None
+    cvs = {cv: resolve_cv(cv, target.topology, f"states.{name}") for cv in box}
+    return wall_forces(box, cvs, WALL_K) or None
 
 
 def run_md(config: Config, target: Target, folder: MDDir, progress: bool) -> TrainingData:

@@ -1,0 +1,43 @@
+"""Training data for molecules: MD seeded in a state the plain run misses, kept there by walls."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from boltzgen.config import load_config
+from boltzgen.runs.baselines import _state_walls, run_md
+from boltzgen.runs.rundir import RunDir
+from boltzgen.runs.target import build_target
+
+PARTICLE = Path(__file__).resolve().parents[2] / "systems" / "mueller_brown_particle.yaml"
+
+
+def particle_config(confine: bool, states: dict[str, str]):
+    """The Mueller-Brown particle with short runs; the plain MD (from the deep basin) never reaches
+    x0 > 0.25 in 20,000 steps, the hot one does."""
+    config, _ = load_config(PARTICLE)
+    md = config.md.model_copy(update=dict(steps=20_000, seed_states=True, seeded_steps=20_000, hot_steps=20_000,
+                                          hot_temperature_K=3000, confine_seeded=confine))
+    return config.model_copy(update=dict(md=md, states=states))
+
+
+@pytest.mark.parametrize("confine", [True, False])
+def test_a_seeded_run_with_walls_stays_in_its_state(tmp_path, confine):
+    config = particle_config(confine, {"A": "not B", "B": "x0 > 0.25"})
+    data = run_md(config, build_target(config), RunDir(tmp_path).md, progress=False)
+    plain, seeded = data.x[: data.n_plain], data.x[data.n_plain:]
+    assert len(seeded) == 200 and (plain[:, 0] > 0.25).mean() == 0.0
+    in_b = (seeded[:, 0] > 0.25).mean()
+    if confine:  # k 1000 kJ/mol/nm^2: 0.05 nm beyond the bound costs ~1 kT at 300 K
+        assert in_b > 0.95 and seeded[:, 0].min() > 0.25 - 0.15, (in_b, seeded[:, 0].min())
+    else:
+        assert in_b < 0.9, in_b  # the same run without walls drifts back towards A
+
+
+def test_only_a_box_state_gets_walls():
+    config = particle_config(True, {"A": "not B", "B": "x0 > 0.25", "C": "x1 < 0.3 * x0"})
+    target = build_target(config)
+    assert [type(f).__name__ for f in _state_walls(target, "B")] == ["CustomExternalForce"]
+    assert _state_walls(target, "A") is None and _state_walls(target, "C") is None
