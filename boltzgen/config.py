@@ -247,6 +247,11 @@ class MDConfig(StrictModel):
     run temperature; their relative weights are wrong and are fixed by reverse KL and reweighting,
     so they never enter the MD baseline's estimates.
 
+    ``seeds_per_state``: the seeded MD of a state is this many runs (``seeded_steps`` in all, split
+    evenly), started from hot frames spread over the CVs (see
+    :func:`boltzgen.runs.baselines.diverse_seeds`), so that a state of several basins that 300 K MD
+    does not connect in ``seeded_steps`` gets data in each.
+
     ``confine_seeded``: a seeded run carries flat-bottom walls at its state's bounds when the state
     is a box of CVs (``"0 < phi < 2.2"``; zero inside, so the frames inside follow the Boltzmann
     distribution restricted to the state), so that it keeps sampling a state that it would otherwise
@@ -270,6 +275,7 @@ class MDConfig(StrictModel):
     seeded_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     hot_temperature_K: Temperature = 1000.0
     hot_steps: int = Field(default=500_000, ge=1, le=MAX_STEPS)
+    seeds_per_state: int = Field(default=4, ge=1, le=64)
     confine_seeded: bool = True
     symmetrize_rotors: bool = True
 
@@ -280,6 +286,9 @@ class MDConfig(StrictModel):
             if steps % self.report_every:
                 raise ValueError(f"{key} ({steps}) must be a multiple of report_every ({self.report_every}), "
                                  "the frames MD stores")
+        if self.seed_states and runs["seeded_steps"] % (self.seeds_per_state * self.report_every):
+            raise ValueError(f"seeded_steps ({runs['seeded_steps']}) must split into seeds_per_state "
+                             f"({self.seeds_per_state}) runs of a multiple of report_every ({self.report_every}) steps")
         return self
 
 

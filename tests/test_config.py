@@ -83,3 +83,11 @@ def test_overrides_reach_nested_values_and_are_validated(tmp_path):
     assert "training[0].steps" in error_of(path, ["training[0].steps=0"])
     assert "out of range" in error_of(path, ["training[7].steps=3"])
     assert "expected key=value" in error_of(path, ["training"])
+
+
+def test_seeded_steps_must_split_into_whole_runs(tmp_path):
+    path = write(tmp_path, MINIMAL + "md: {steps: 1000, report_every: 10, seed_states: true, seeded_steps: 1000, "
+                                     "seeds_per_state: 3}\n")
+    message = error_of(path)
+    assert "md" in message and "seeds_per_state (3)" in message and "seeded_steps (1000)" in message
+    load_config(path, ["md.seeds_per_state=4"])  # 4 runs of 250 steps, 25 frames each

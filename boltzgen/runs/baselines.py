@@ -146,19 +146,46 @@ def _seeded_state_runs(config: Config, target: Target, plain: Any, folder: MDDir
         return [], None
     hot = _langevin(config, target, target.molecule.positions_nm, md.hot_temperature_K, md.hot_steps,
                     folder.hot_trajectory, progress, seed_offset=1)
-    hot_masks = target.state_masks(target.cvs(hot.positions_nm.reshape(hot.n_frames, -1)))
+    hot_cvs = target.cvs(hot.positions_nm.reshape(hot.n_frames, -1))
+    hot_masks = target.state_masks(hot_cvs)
     runs = []
-    for k, name in enumerate(missing, start=2):
+    steps = (md.seeded_steps or md.steps) // md.seeds_per_state
+    for i, name in enumerate(missing):
         candidates = np.flatnonzero(hot_masks[name])
         if candidates.size == 0:
             raise RunError(f"state {name} was reached neither by the MD nor by the hot MD ({md.hot_temperature_K:g} K, "
                            f"{md.hot_steps} steps); raise md.hot_steps or md.hot_temperature_K, or set md.seed_states: false")
-        best = candidates[np.argmin(hot.potential_energy_kJ_mol[candidates])]
-        start = minimize_positions(target.molecule, hot.positions_nm[best].astype(np.float64))
-        runs.append(_langevin(config, target, start, md.temperature_K or target.molecule.temperature_K,
-                              md.seeded_steps or md.steps, folder.seeded_trajectory(name), progress, seed_offset=k,
-                              bias=_state_walls(target, name) if md.confine_seeded else None))
+        seeds = diverse_seeds(hot.potential_energy_kJ_mol[candidates], {k: v[candidates] for k, v in hot_cvs.items()},
+                              md.seeds_per_state, periodic=target.torsions is not None)
+        for j, frame in enumerate(candidates[seeds]):
+            start = minimize_positions(target.molecule, hot.positions_nm[frame].astype(np.float64))
+            runs.append(_langevin(config, target, start, md.temperature_K or target.molecule.temperature_K, steps,
+                                  folder.seeded_trajectory(name, j), progress, seed_offset=2 + i * md.seeds_per_state + j,
+                                  bias=_state_walls(target, name) if md.confine_seeded else None))
     return runs, hot
+
+
+def diverse_seeds(energy: np.ndarray, cvs: dict[str, np.ndarray], n: int, periodic: bool) -> np.ndarray:
+    """Indices of up to ``n`` frames to seed MD from, one per region of the CVs: the frames are split
+    into ``n`` clusters by k-means over ``cvs`` (each ``[n_frames]``; as (cos, sin) pairs when
+    ``periodic``), and each cluster gives its lowest-``energy`` frame, so that a state's sub-basins
+    (alanine's alpha_L and C7ax within phi > 0) each get a seed. Deterministic."""
+    values = np.stack([np.asarray(v, dtype=np.float64) for v in cvs.values()], axis=1)
+    points = np.concatenate([np.cos(values), np.sin(values)], axis=1) if periodic else values
+    rng = np.random.default_rng(0)
+    centers = points[[int(np.argmin(energy))]]
+    while len(centers) < min(n, len(points)):  # k-means++: far points are likelier centres
+        d2 = ((points[:, None, :] - centers[None]) ** 2).sum(-1).min(1)
+        if d2.sum() == 0:
+            break
+        centers = np.vstack([centers, points[rng.choice(len(points), p=d2 / d2.sum())]])
+    for _ in range(50):
+        label = ((points[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+        centers = np.stack([points[label == c].mean(0) if (label == c).any() else centers[c]
+                            for c in range(len(centers))])
+    label = ((points[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+    return np.array([np.flatnonzero(label == c)[np.argmin(energy[label == c])]
+                     for c in range(len(centers)) if (label == c).any()], dtype=np.int64)
 
 
 def _state_walls(target: Target, name: str) -> list[openmm.Force] | None:

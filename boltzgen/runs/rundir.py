@@ -63,8 +63,9 @@ class MDDir(Folder):
     def hot_trajectory(self) -> Path:
         return self.path / "hot.h5"
 
-    def seeded_trajectory(self, state: str) -> Path:
-        return self.path / f"seeded_{state}.h5"
+    def seeded_trajectory(self, state: str, seed: int) -> Path:
+        """The ``seed``-th MD run seeded in ``state`` (from 0)."""
+        return self.path / f"seeded_{state}_{seed}.h5"
 
     @staticmethod
     def checkpoint(trajectory: Path) -> Path:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from boltzgen.config import load_config
-from boltzgen.runs.baselines import _state_walls, run_md
+from boltzgen.runs.baselines import _state_walls, diverse_seeds, run_md
 from boltzgen.runs.rundir import RunDir
 from boltzgen.runs.target import build_target
 
@@ -41,3 +42,22 @@ def test_only_a_box_state_gets_walls():
     target = build_target(config)
     assert [type(f).__name__ for f in _state_walls(target, "B")] == ["CustomExternalForce"]
     assert _state_walls(target, "A") is None and _state_walls(target, "C") is None
+
+
+def test_one_seed_per_basin_each_its_lowest_energy_frame():
+    rng = np.random.default_rng(1)
+    # Two basins on the circle, one straddling +-pi: a seed in each, at its lowest energy.
+    phi = np.concatenate([rng.normal(1.0, 0.2, 300), np.angle(np.exp(1j * rng.normal(np.pi, 0.2, 300)))])
+    energy = rng.normal(0.0, 1.0, 600)
+    seeds = diverse_seeds(energy, {"phi": phi}, 2, periodic=True)
+    near_one = np.abs(phi[seeds] - 1.0) < 1.0
+    assert sorted(near_one.tolist()) == [False, True]
+    for seed in seeds:
+        basin = (np.abs(phi - 1.0) < 1.0) == (abs(phi[seed] - 1.0) < 1.0)
+        assert energy[seed] == energy[basin].min()
+    assert np.array_equal(seeds, diverse_seeds(energy, {"phi": phi}, 2, periodic=True))  # deterministic
+
+
+def test_no_more_seeds_than_distinct_frames():
+    seeds = diverse_seeds(np.array([3.0, 1.0, 2.0]), {"x0": np.zeros(3)}, 4, periodic=False)
+    assert seeds.tolist() == [1]
