@@ -26,7 +26,8 @@ analytic systems, MD (reweighted to the target temperature if run at another one
 Cost to reach a ΔF standard error of 0.1 kT: the statistical error of every method here is assumed
 to fall as ``1/sqrt(cost)``, so ``cost_0.1 = fixed + variable * (stderr / 0.1)^2``. ``variable`` is
 what the method spent itself (sampling, chains, MD, windows); ``fixed`` is a one-off cost that does
-not grow with the sample size: the flow's training, for importance sampling and MCMC. The same
+not grow with the sample size: the flow's training and the MD (or MALA) of its training data, for
+importance sampling and MCMC. The same
 scaling is applied to energy evaluations and to wall seconds. It ignores the bias of a method
 (e.g. MD that never crosses a barrier has a small error bar around a wrong answer), and for
 importance sampling it holds only when the weights have a finite variance (Pareto k̂ < 0.5).
@@ -167,11 +168,14 @@ class _Comparison:
 
     @property
     def training_cost(self) -> dict[str, Any]:
-        """The flow's training as the fixed cost of the flow-based methods."""
+        """The flow's training, with the MD or MALA that made its training data, as the fixed cost of
+        the flow-based methods."""
         if self.train is None:
             return {"fixed_energy_evaluations": None, "fixed_wall_seconds": None}
-        return {"fixed_energy_evaluations": self.train.energy_evaluations.get("training"),
-                "fixed_wall_seconds": self.train.training_wall_seconds}
+        data = self.train.baseline.training_data if self.train.baseline is not None else {}
+        return {"fixed_energy_evaluations": self.train.energy_evaluations.get("training", 0)
+                + int(data.get("energy_evaluations", 0)),
+                "fixed_wall_seconds": self.train.training_wall_seconds + float(data.get("wall_seconds", 0.0))}
 
     def read_cvs(self, path: Path) -> dict[str, np.ndarray]:
         """The first two CVs of every frame of a trajectory file, read in chunks."""

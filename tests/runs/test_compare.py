@@ -59,6 +59,12 @@ def test_compare_writes_report_and_json_with_the_methods_present(run_dir):
         factor = (row["stderr_kT"] / 0.1) ** 2
         assert cost["energy_evaluations"] == pytest.approx(row["fixed_energy_evaluations"] + row["energy_evaluations"] * factor)
         assert cost["wall_seconds"] == pytest.approx(row["fixed_wall_seconds"] + row["wall_seconds"] * factor)
+        # The fixed cost is the training and the MALA that made its data.
+        train = json.loads((run_dir / "summary.json").read_text())
+        data_cost = train["baseline"]["training_data"]
+        assert row["fixed_wall_seconds"] == pytest.approx(train["training_wall_seconds"] + data_cost["wall_seconds"])
+        assert row["fixed_energy_evaluations"] == (train["energy_evaluations"]["training"]
+                                                   + data_cost["energy_evaluations"])
     assert methods["baseline MALA (local MCMC)"]["js_divergence"] is None  # no data file for the baseline
     for png in ("compare_delta_f.png", "compare_fes.png", "compare_fes_2d.png"):
         assert (run_dir / "plots" / png).is_file()
