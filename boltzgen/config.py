@@ -242,10 +242,11 @@ class MDConfig(StrictModel):
     """Langevin MD with OpenMM. ``temperature_K`` may differ from the target's (reweighting corrects it).
 
     ``seed_states``: for training data only, also run MD from each configured state that holds
-    less than ``seed_below_fraction`` of the plain run's frames, seeded with the lowest-energy frame
-    in that state from a short hot MD (``hot_temperature_K``, ``hot_steps``). Those runs sample each basin's local structure at the
-    run temperature; their relative weights are wrong and are fixed by reverse KL and reweighting,
-    so they never enter the MD baseline's estimates.
+    less than ``seed_below_fraction`` of the plain run's frames (``all``: from every state, to cover
+    the basins within a state that the plain run misses), seeded from frames in that state of a
+    short hot MD (``hot_temperature_K``, ``hot_steps``). Those runs sample each basin's local
+    structure at the run temperature; their relative weights are wrong and are fixed by the
+    importance weights, so they never enter the MD baseline's estimates.
 
     ``seeds_per_state``: the seeded MD of a state is this many runs (``seeded_steps`` in all, split
     evenly), started from hot frames spread over the CVs (see
@@ -270,7 +271,7 @@ class MDConfig(StrictModel):
     seed: Seed = 0
     platform: Platform = "Reference"
     data: Path | None = None
-    seed_states: bool = False
+    seed_states: bool | Literal["all"] = False
     seed_below_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     seeded_steps: int | None = Field(default=None, ge=1, le=MAX_STEPS)
     hot_temperature_K: Temperature = 1000.0

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, model_validator
+
+
+def _admits_bool(annotation: Any) -> bool:
+    """``bool`` itself, or a union with ``bool`` among its members (``bool | Literal["all"]``)."""
+    return annotation is bool or bool in get_args(annotation)
 
 
 class StrictModel(BaseModel):
@@ -20,6 +25,6 @@ class StrictModel(BaseModel):
         if isinstance(data, dict):
             for key, value in data.items():
                 field = cls.model_fields.get(key)
-                if isinstance(value, bool) and field is not None and field.annotation is not bool:
+                if isinstance(value, bool) and field is not None and not _admits_bool(field.annotation):
                     raise ValueError(f"{key}: a yes/no value where a number or text belongs, got {value}")
         return data

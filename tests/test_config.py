@@ -91,3 +91,10 @@ def test_seeded_steps_must_split_into_whole_runs(tmp_path):
     message = error_of(path)
     assert "md" in message and "seeds_per_state (3)" in message and "seeded_steps (1000)" in message
     load_config(path, ["md.seeds_per_state=4"])  # 4 runs of 250 steps, 25 frames each
+
+
+@pytest.mark.parametrize(("value", "expected"), [("all", "all"), ("true", True), ("false", False)])
+def test_seed_states_is_yes_no_or_all(tmp_path, value, expected):
+    config, _ = load_config(write(tmp_path, MINIMAL), [f"md.seed_states={value}"])
+    assert config.md.seed_states == expected
+    assert "md.steps" in error_of(write(tmp_path, MINIMAL), ["md.steps=true"]).replace(": steps", ".steps")

@@ -141,7 +141,7 @@ def _seeded_state_runs(config: Config, target: Target, plain: Any, folder: MDDir
     md = config.md
     visited = target.state_masks(target.cvs(plain.positions_nm.reshape(plain.n_frames, -1)))
     # A brief visit teaches the flow as little as none: seed every state the plain run barely saw.
-    missing = [name for name, mask in visited.items() if mask.mean() < md.seed_below_fraction]
+    missing = [name for name, mask in visited.items() if md.seed_states == "all" or mask.mean() < md.seed_below_fraction]
     if not missing:
         return [], None
     hot = _langevin(config, target, target.molecule.positions_nm, md.hot_temperature_K, md.hot_steps,

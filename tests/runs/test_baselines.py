@@ -61,3 +61,14 @@ def test_one_seed_per_basin_each_its_lowest_energy_frame():
 def test_no_more_seeds_than_distinct_frames():
     seeds = diverse_seeds(np.array([3.0, 1.0, 2.0]), {"x0": np.zeros(3)}, 4, periodic=False)
     assert seeds.tolist() == [1]
+
+
+def test_seed_states_all_seeds_the_visited_state_too(tmp_path):
+    config = particle_config(True, {"A": "not B", "B": "x0 > 0.25"})
+    config = config.model_copy(update={"md": config.md.model_copy(update={"seed_states": "all"})})
+    data = run_md(config, build_target(config), RunDir(tmp_path).md, progress=False)
+    seeded = data.x[data.n_plain:]
+    assert len(seeded) == 400  # 4 runs in A (no walls: "not B" is no box), then 4 in B
+    assert (seeded[:200, 0] > 0.25).mean() < 0.5 and (seeded[200:, 0] > 0.25).mean() > 0.95
+    assert sorted(p.name for p in (tmp_path / "md").glob("seeded_*_?.h5")) == [
+        f"seeded_{s}_{k}.h5" for s in "AB" for k in range(4)]
