@@ -104,7 +104,7 @@ def plot(runs: list[Run], path: Path) -> Path:
         ax.set_ylim(0, 1.02)
         ax.set_ylabel("Kish ESS / N")
         ax.legend(fontsize=7)
-    fig.suptitle(f"alanine dipeptide: ours in vacuum, 2-core CPU, from scratch with MD; hollow: {PUBLISHED_NOTE}",
+    fig.suptitle(f"alanine dipeptide: ours on a 2-core CPU, evaluations incl. the MD; hollow: {PUBLISHED_NOTE}",
                  fontsize=9)
     with atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
