@@ -175,17 +175,23 @@ def diverse_seeds(energy: np.ndarray, cvs: dict[str, np.ndarray], n: int, period
     rng = np.random.default_rng(0)
     centers = points[[int(np.argmin(energy))]]
     while len(centers) < min(n, len(points)):  # k-means++: far points are likelier centres
-        d2 = ((points[:, None, :] - centers[None]) ** 2).sum(-1).min(1)
+        d2 = _squared_distances(points, centers).min(1)
         if d2.sum() == 0:
             break
         centers = np.vstack([centers, points[rng.choice(len(points), p=d2 / d2.sum())]])
     for _ in range(50):
-        label = ((points[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+        label = _squared_distances(points, centers).argmin(1)
         centers = np.stack([points[label == c].mean(0) if (label == c).any() else centers[c]
                             for c in range(len(centers))])
-    label = ((points[:, None, :] - centers[None]) ** 2).sum(-1).argmin(1)
+    label = _squared_distances(points, centers).argmin(1)
     return np.array([np.flatnonzero(label == c)[np.argmin(energy[label == c])]
                      for c in range(len(centers)) if (label == c).any()], dtype=np.int64)
+
+
+def _squared_distances(points: np.ndarray, centers: np.ndarray) -> np.ndarray:
+    """``[n_points, n_centers]`` squared Euclidean distances, by chunks of points (bounded memory)."""
+    return np.concatenate([((chunk[:, None, :] - centers[None]) ** 2).sum(-1)
+                           for chunk in np.array_split(points, max(1, len(points) // 10_000))])
 
 
 def _state_walls(target: Target, name: str) -> list[openmm.Force] | None:
