@@ -356,8 +356,8 @@ ALANINE = Path(__file__).resolve().parents[2] / "systems" / "alanine.yaml"
 TINY_MOLECULE = [
     "--set", "md.steps=2000", "--set", "md.report_every=20", "--set", "md.seed_states=false",
     "--set", "flow.blocks=2", "--set", "flow.hidden=[16]",
-    "--set", "training[0].steps=6", "--set", "training[1].steps=4", "--set", "training[0].batch=32",
-    "--set", "training[1].batch=32", "--set", "log_every=2", "--set", "checkpoint_every=5",
+    "--set", "training[0].steps=10", "--set", "training[0].batch=32",
+    "--set", "log_every=2", "--set", "checkpoint_every=5",
     "--set", "sampling.n=300", "--set", "sampling.batch=128",
 ]
 
