@@ -126,7 +126,7 @@ OWN_BUDGETS: dict[tuple[str, str], Budget] = {
     ("sylvester", "double_well"): Budget(3000, _FOUR_M), ("sylvester", "mueller_brown"): Budget(10_000, _FOUR_M),
     ("sylvester_householder", "mueller_brown"): Budget(10_000, _FOUR_M),
     ("iresnet", "double_well"): Budget(3000, _FOUR_M), ("residual_flow", "double_well"): Budget(3000, _FOUR_M),
-    ("residual_flow", "mueller_brown"): Budget(3000, _FOUR_M),
+    ("residual_flow", "mueller_brown"): Budget(6000, _FOUR_M), ("iresnet", "mueller_brown"): Budget(3000, _FOUR_M),
 }
 
 

@@ -189,6 +189,8 @@ def _constant(node: ast.expr) -> float | None:
 
 
 def _box(node: ast.expr) -> dict[str, tuple[float, float]] | None:
+    """See :meth:`StateDefinition.box`: bounds from an ``and`` of (chained) comparisons of a CV name
+    with constants, intersected per CV; None as soon as a part is anything else."""
     if isinstance(node, ast.BoolOp) and isinstance(node.op, ast.And):
         box: dict[str, tuple[float, float]] = {}
         for part in map(_box, node.values):

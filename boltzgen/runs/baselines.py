@@ -16,8 +16,8 @@ import openmm
 import torch
 
 from boltzgen import distributed, plots
-from boltzgen.cvs import resolve_cv
 from boltzgen.config import Config, MuellerBrownParticleSystem, OpenMMSystem, dump_config
+from boltzgen.cvs import resolve_cv
 from boltzgen.energies.base import Energy
 from boltzgen.errors import RunError
 from boltzgen.estimators.free_energy import delta_f_blocked

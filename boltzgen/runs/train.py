@@ -33,7 +33,6 @@ from boltzgen.runs.sample import (
     log_z_row,
     sample_free_energies,
 )
-from boltzgen.symmetry import energy_invariant_rotors, find_rotors, random_relabel
 from boltzgen.runs.summaries import BaselineSummary, TrainSummary, UmbrellaSummary
 from boltzgen.runs.target import (
     Target,
@@ -43,6 +42,7 @@ from boltzgen.runs.target import (
     select_device,
     to_flow_dtype,
 )
+from boltzgen.symmetry import energy_invariant_rotors, find_rotors, random_relabel
 from boltzgen.training import Trainer, check_recipe, check_stages_distributable, load_model_state, read_checkpoint
 
 #: Energy added to the mirror image (D) of a molecule trained without data, when it rejects wrong chirality (kT).
