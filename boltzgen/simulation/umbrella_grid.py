@@ -39,6 +39,22 @@ from boltzgen.simulation.langevin import MDResult, load_md, openmm_seed, run_lan
 _PI = "pi = 3.141592653589793"
 
 
+def cv_force(cv: CollectiveVariable, energy: str) -> openmm.Force:
+    """A force on ``cv``'s atoms whose energy (kJ/mol) is the OpenMM expression ``energy`` written in
+    ``value``, the CV itself: the torsion ``theta`` (rad), the distance ``r`` or the coordinate (nm),
+    in the custom force of the CV's kind."""
+    if cv.kind == "torsion":
+        force: Any = openmm.CustomTorsionForce(f"{energy}; value = theta")
+        force.addTorsion(*cv.atoms, [])
+    elif cv.kind == "distance":
+        force = openmm.CustomBondForce(f"{energy}; value = r")
+        force.addBond(*cv.atoms, [])
+    else:
+        force = openmm.CustomExternalForce(f"{energy}; value = {'xyz'[cv.axis]}")
+        force.addParticle(cv.atoms[0], [])
+    return force
+
+
 def cv_bias_force(cv: CollectiveVariable, k: float, index: int, center: float = 0.0) -> openmm.Force:
     """The harmonic restraint ``0.5 k dist(cv, c)^2`` (kJ/mol) on ``cv``, centred at ``center``.
 
@@ -49,15 +65,9 @@ def cv_bias_force(cv: CollectiveVariable, k: float, index: int, center: float = 
     """
     k_name, c_name = f"k_umb{index}", f"c_umb{index}"
     if cv.kind == "torsion":
-        force: Any = openmm.CustomTorsionForce(
-            f"0.5*{k_name}*min(dtheta, 2*pi - dtheta)^2; dtheta = abs(theta - {c_name}); {_PI}")
-        force.addTorsion(*cv.atoms, [])
-    elif cv.kind == "distance":
-        force = openmm.CustomBondForce(f"0.5*{k_name}*(r - {c_name})^2")
-        force.addBond(*cv.atoms, [])
+        force = cv_force(cv, f"0.5*{k_name}*min(dtheta, 2*pi - dtheta)^2; dtheta = abs(value - {c_name}); {_PI}")
     else:
-        force = openmm.CustomExternalForce(f"0.5*{k_name}*({'xyz'[cv.axis]} - {c_name})^2")
-        force.addParticle(cv.atoms[0], [])
+        force = cv_force(cv, f"0.5*{k_name}*(value - {c_name})^2")
     force.addGlobalParameter(k_name, float(k))
     force.addGlobalParameter(c_name, float(center))
     return force

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from typing import Any
-
 import openmm
 
 from boltzgen.cvs import CollectiveVariable
-
-_PI = "pi = 3.141592653589793"
+from boltzgen.simulation.umbrella_grid import cv_force
 
 
 def wall_forces(box: Mapping[str, tuple[float, float]], cvs: Mapping[str, CollectiveVariable],
@@ -31,22 +28,12 @@ def wall_forces(box: Mapping[str, tuple[float, float]], cvs: Mapping[str, Collec
             if not (math.isfinite(low) and math.isfinite(high)) or high - low >= 2 * math.pi:
                 continue
             center, half = 0.5 * (low + high), 0.5 * (high - low)
-            force: Any = openmm.CustomTorsionForce(
-                f"{k}*max(0, d - {half})^2; d = abs(atan2(sin(theta - {center}), cos(theta - {center})))")
-            force.addTorsion(*cv.atoms, [])
-            forces.append(force)
+            forces.append(cv_force(cv, f"{k}*max(0, d - {half})^2; "
+                                       f"d = abs(atan2(sin(value - {center}), cos(value - {center})))"))
             continue
-        value = "r" if cv.kind == "distance" else "xyz"[cv.axis or 0]
-        terms = [f"max(0, {low} - {value})^2" if math.isfinite(low) else "",
-                 f"max(0, {value} - {high})^2" if math.isfinite(high) else ""]
+        terms = [f"max(0, {low} - value)^2" if math.isfinite(low) else "",
+                 f"max(0, value - {high})^2" if math.isfinite(high) else ""]
         expression = " + ".join(t for t in terms if t)
-        if not expression:
-            continue
-        if cv.kind == "distance":
-            force = openmm.CustomBondForce(f"{k}*({expression})")
-            force.addBond(*cv.atoms, [])
-        else:
-            force = openmm.CustomExternalForce(f"{k}*({expression})")
-            force.addParticle(cv.atoms[0], [])
-        forces.append(force)
+        if expression:
+            forces.append(cv_force(cv, f"{k}*({expression})"))
     return forces
