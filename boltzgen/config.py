@@ -125,6 +125,11 @@ System = Annotated[Union[DoubleWellSystem, MuellerBrownSystem, ManyWellSystem, G
 class CoordinatesConfig(StrictModel):
     """How the flow sees a configuration: as is, or as internal / mixed coordinates.
 
+    ``rigid_torsions`` (``internal``): a torsion whose training data deviate from their circular
+    mean by at most 15 deg (standard deviation: impropers, amides, a methyl hydrogen placed relative
+    to its sibling) is standardized and gets a Gaussian prior, rather than a uniform one that the
+    circular splines must squeeze into a narrow peak; free torsions (phi, psi, rotors) stay circular.
+
     ``scale`` (analytic systems): the flow's last layer, a trainable per-dimension affine map, starts
     as x = scale * y, so that a target much wider than N(0, 1) (the GMM's modes span [-40, 40]) lies
     within the untrained flow's reach; training without data needs that, as nothing else tells the
@@ -134,6 +139,7 @@ class CoordinatesConfig(StrictModel):
     type: Literal["identity", "internal", "mixed"] = "identity"
     cartesian_atoms: list[Annotated[int, Field(ge=0)]] | None = Field(default=None, min_length=1)
     reject_wrong_chirality: bool = False
+    rigid_torsions: bool = True
     scale: PositiveFloat = 1.0
 
 

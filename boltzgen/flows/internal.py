@@ -19,6 +19,7 @@ configurations are physically strained; the energy, not this transform, is what 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -33,6 +34,10 @@ from boltzgen.geometry import as_positions, bond_angle, bond_length, dihedral, w
 
 # Guards normalizations of (near-)zero vectors: the result is a finite zero vector, not NaN.
 _NORM_EPS = 1e-12
+
+#: A torsion is rigid (standardized, Gaussian prior) only if its offset +- pi lies at least this many
+#: standard deviations out in the latent: a prior mass beyond it of 3.6e-33 (see InternalCoordinates).
+RIGID_TORSION_MIN_BOUND = 12.0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,8 +164,15 @@ class InternalCoordinates(Bijection):
     Latent layout: ``[bonds (N-1) | angles (N-2) | torsions (N-3)]``, entry ``m`` of each block
     belonging to Z-matrix row ``m+1``, ``m+2`` and ``m+3`` respectively. Bonds in nm, angles and
     torsions in rad. With standardization, the latent bond and angle entries are
-    ``(value - mean) / std`` so that a flow sees roughly N(0, 1); torsions are only rotated by an
-    offset and stay in [-pi, pi) (``circular_mask``) for circular splines and a uniform prior.
+    ``(value - mean) / std`` so that a flow sees roughly N(0, 1). A circular torsion is only rotated
+    by an offset and stays in [-pi, pi) (``circular_mask``) for circular splines and a uniform prior.
+    A rigid torsion (``circular`` False: an improper, an amide, a methyl hydrogen placed relative to
+    its sibling) is standardized like a bond, as ``wrap(value - mean) / std``, for ordinary splines
+    and a Gaussian prior. That map is onto only the latent interval ``[-pi, pi) / std``, and the
+    forward map of a latent outside it wraps onto the same torsions again; :meth:`fit` makes a torsion
+    rigid only when ``pi / std >= RIGID_TORSION_MIN_BOUND`` latent units, where the flow's (identity
+    tails beyond ``tail_bound``) Gaussian prior has a mass below 1e-32, so the density computed by
+    ``inverse`` is that of the samples ``forward`` draws.
 
     ``forward`` builds the canonical frame: the first Z-matrix atom at the origin, the second on
     the +x axis, the third in the xy-plane with y > 0 (for a positive bond and an angle in
@@ -179,13 +191,16 @@ class InternalCoordinates(Bijection):
         zmatrix: Any,
         mean: Tensor | None = None,
         std: Tensor | None = None,
+        circular: Tensor | None = None,
     ) -> None:
         """The transform of a full Z-matrix ``zmatrix`` ``[N, 4]`` (validated here), N >= 3.
 
         ``mean`` and ``std`` are optional standardization statistics ``[3N-6]`` in the latent
-        layout (nm for bonds, rad for angles). The torsion entries of ``mean`` are offsets (circular
-        means, wrapped into [-pi, pi)) and their ``std`` is ignored (taken as 1), so a latent torsion
-        is ``wrap(torsion - offset)``. :meth:`fit` computes both from data.
+        layout (nm for bonds, rad for angles and torsions). The torsion entries of ``mean`` are
+        offsets (circular means, wrapped into [-pi, pi)). ``circular`` ``[N-3]`` bool (default: all
+        True) says which torsions are circular; their ``std`` is ignored (taken as 1), so their latent
+        is ``wrap(torsion - offset)``; a rigid torsion's latent is ``wrap(torsion - offset) / std``.
+        :meth:`fit` computes all three from data.
         """
         super().__init__()
         zmat = np.asarray(zmatrix)
@@ -198,18 +213,25 @@ class InternalCoordinates(Bijection):
         self.n_bonds, self.n_angles, self.n_torsions = n_atoms - 1, n_atoms - 2, n_atoms - 3
         self.register_buffer("zmatrix", torch.as_tensor(zmat, dtype=torch.long), persistent=False)
 
-        mask = torch.zeros(self.dim_internal, dtype=torch.bool)
-        mask[self.n_bonds + self.n_angles :] = True
+        circular = torch.ones(self.n_torsions, dtype=torch.bool) if circular is None \
+            else torch.as_tensor(circular, dtype=torch.bool).cpu()
+        if circular.shape != (self.n_torsions,):
+            raise ValueError(f"circular must flag the {self.n_torsions} torsions, got shape {list(circular.shape)}")
+        torsions = torch.zeros(self.dim_internal, dtype=torch.bool)
+        torsions[self.n_bonds + self.n_angles :] = True
+        mask = torsions.clone()
+        mask[torsions] = circular
         self.register_buffer("circular_mask", mask, persistent=False)
+        self.register_buffer("torsion_mask", torsions, persistent=False)
 
         if mean is not None and std is not None:
             mean = torch.as_tensor(mean).clone()
             std = torch.as_tensor(std).clone()
             if mean.shape == (self.dim_internal,) and std.shape == (self.dim_internal,):
-                # Torsions are only rotated (by their circular mean, which ``fit`` supplies), never
-                # scaled: a rotation keeps them on the circle and puts a narrow peak such as an
-                # improper's or omega's at 0, away from the spline's seam at ±pi.
-                mean[mask] = wrap_angle(mean[mask])
+                # Circular torsions are only rotated (by their circular mean, which ``fit`` supplies),
+                # never scaled: a rotation keeps them on the circle. Every torsion's offset puts its
+                # peak at 0, away from the seam at ±pi.
+                mean[torsions] = wrap_angle(mean[torsions])
                 std[mask] = 1.0
         self.standardization = _Standardization(self.dim_internal, mean, std)
 
@@ -223,13 +245,15 @@ class InternalCoordinates(Bijection):
         self._row2_bond_slot = 0 if int(zmat[2, 1]) == first3[0] else 1
 
     @classmethod
-    def fit(cls, zmatrix: Any, x_data: Tensor, min_std: float = 1e-5) -> InternalCoordinates:
-        """The transform of ``zmatrix`` with bonds and angles standardized by statistics of ``x_data``.
+    def fit(cls, zmatrix: Any, x_data: Tensor, min_std: float = 1e-5, rigid_torsions: bool = True) -> InternalCoordinates:
+        """The transform of ``zmatrix`` standardized by statistics of ``x_data``.
 
         ``x_data``: samples ``[n, 3N]`` (or ``[n, N, 3]``) in nm, n >= 2. Means and standard
         deviations (floored at ``min_std``, nm or rad, so that rigid dimensions do not give log 0)
         are stored as buffers in the dtype of ``x_data``, on its device. Torsions are rotated by
-        their circular mean, not scaled.
+        their circular mean. With ``rigid_torsions``, a torsion whose deviations from that mean have
+        a standard deviation of at most ``pi / RIGID_TORSION_MIN_BOUND`` (15 deg) is rigid: scaled by
+        it, not circular (see the class doc).
         """
         plain = cls(zmatrix)
         if x_data.shape[0] < 2:
@@ -238,9 +262,13 @@ class InternalCoordinates(Bijection):
             ic = plain.internal(x_data)
             mean = ic.mean(dim=0)
             std = ic.std(dim=0).clamp_min(min_std)
-            torsions = plain.circular_mask
+            torsions = plain.torsion_mask
             mean[torsions] = torch.atan2(torch.sin(ic[:, torsions]).mean(0), torch.cos(ic[:, torsions]).mean(0))
-        return cls(plain.zmatrix.cpu().numpy(), mean=mean, std=std).to(x_data.device)
+            deviation = wrap_angle(ic[:, torsions] - mean[torsions])
+            std[torsions] = deviation.pow(2).mean(0).sqrt().clamp_min(min_std)
+            circular = std[torsions] > math.pi / RIGID_TORSION_MIN_BOUND if rigid_torsions \
+                else torch.ones(plain.n_torsions, dtype=torch.bool)
+        return cls(plain.zmatrix.cpu().numpy(), mean=mean, std=std, circular=circular).to(x_data.device)
 
     def split(self, ic: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """``[batch, 3N-6]`` -> bonds ``[batch, N-1]``, angles ``[batch, N-2]``, torsions ``[batch, N-3]``."""
@@ -290,6 +318,9 @@ class InternalCoordinates(Bijection):
         """Cartesian ``[batch, 3N]`` (any pose) -> latent ``[batch, 3N-6]``, log|det| ``[batch]``."""
         ic = self.internal(x)
         bonds, angles, _ = self.split(ic)
+        loc = self.standardization.loc
+        if loc is not None:  # a torsion's deviation from its offset, taken the short way round
+            ic = torch.where(self.torsion_mask, loc.to(ic) + wrap_angle(ic - loc.to(ic)), ic)
         z, logdet = self.standardization.to_latent(ic)
         z = torch.where(self.circular_mask, wrap_angle(z), z)
         return z, logdet - self._log_volume(bonds, angles)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -250,11 +251,13 @@ def _check_states_can_be_reached(target: Target) -> None:
                        f"({target.states[empty[0]].expression[:80]}); check its bounds")
 
 
-def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | None) -> InternalCoordinates | MixedCoordinates:
+def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | None,
+                      circular: torch.Tensor | None = None) -> InternalCoordinates | MixedCoordinates:
     """The internal or mixed coordinate transform of a molecule.
 
     ``x_data`` ``[n, dim]`` (nm) fits the standardization; ``None`` builds placeholders of the right
-    shapes, to be filled by a checkpoint. One structure (``n = 1``, training without data, see
+    shapes, to be filled by a checkpoint, with the latent layout ``circular`` ``[3N-6]`` bool (the
+    saved prior's; default: every torsion circular). One structure (``n = 1``, training without data, see
     :func:`reference_structure`) centres internal coordinates on it, with :data:`REFERENCE_STD`.
     """
     topology = target.topology
@@ -271,9 +274,10 @@ def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | Non
     if config.coordinates.type == "internal":
         zmatrix = zmatrix_from_topology(topology)
         if data is not None:
-            return InternalCoordinates.fit(zmatrix, data)
+            return InternalCoordinates.fit(zmatrix, data, rigid_torsions=config.coordinates.rigid_torsions)
         d = 3 * n_atoms - 6
-        return InternalCoordinates(zmatrix, mean=torch.zeros(d), std=torch.ones(d))
+        torsions = None if circular is None else circular[2 * n_atoms - 3:]
+        return InternalCoordinates(zmatrix, mean=torch.zeros(d), std=torch.ones(d), circular=torsions)
     cartesian = config.coordinates.cartesian_atoms or [a.index for a in topology.atoms if a.element.symbol != "H"]
     bonds = [(a.index, b.index) for a, b in topology.bonds]
     zmatrix = build_mixed_zmatrix(bonds, n_atoms, cartesian)
@@ -297,12 +301,14 @@ def reference_structure(target: Target) -> torch.Tensor:
     return torch.as_tensor(positions, dtype=torch.float64).reshape(1, -1)
 
 
-def build_generator(config: Config, target: Target, x_data: torch.Tensor | None) -> BoltzmannGenerator:
-    """Prior + flow (+ coordinate transform for molecules) + energy; ``x_data`` as in :func:`build_coordinates`."""
+def build_generator(config: Config, target: Target, x_data: torch.Tensor | None,
+                    circular: torch.Tensor | None = None) -> BoltzmannGenerator:
+    """Prior + flow (+ coordinate transform for molecules) + energy; ``x_data`` and ``circular``
+    as in :func:`build_coordinates`."""
     coordinates = None
-    dim, circular = target.energy.dim, None
+    dim = target.energy.dim
     if target.molecule is not None and config.coordinates.type != "identity":
-        coordinates = build_coordinates(config, target, x_data)
+        coordinates = build_coordinates(config, target, x_data, circular)
         dim, circular = coordinates.dim_internal, coordinates.circular_mask
     elif config.coordinates.scale != 1.0:
         if target.molecule is not None:
@@ -313,6 +319,16 @@ def build_generator(config: Config, target: Target, x_data: torch.Tensor | None)
             coordinates.initialized.fill_(True)
     prior, flow = build_flow(config.flow, dim, circular=circular, coordinates=coordinates, seed=config.seed)
     return BoltzmannGenerator(prior, flow, target.energy)
+
+
+def load_generator(config: Config, target: Target, checkpoint: Path) -> BoltzmannGenerator:
+    """The generator saved in ``checkpoint``, built with the latent layout its prior saved (which
+    torsions the fitted coordinates made circular); a RunError when it does not match ``config``."""
+    state = read_checkpoint(checkpoint)["model"]
+    saved = state.get("prior.circular")
+    generator = build_generator(config, target, None, None if saved is None else saved.to(torch.bool).cpu())
+    load_model_state(generator, state, checkpoint)
+    return generator
 
 
 def to_flow_dtype(generator: BoltzmannGenerator, device: torch.device, dtype: torch.dtype) -> None:
@@ -341,8 +357,7 @@ def load_run(run: RunDir) -> TrainedRun:
     torch.set_num_threads(config.cpu_threads)
     target = build_target(config)
     device = select_device(config.device)
-    generator = build_generator(config, target, None)
-    load_model_state(generator, read_checkpoint(run.checkpoint)["model"], run.checkpoint)
+    generator = load_generator(config, target, run.checkpoint)
     to_flow_dtype(generator, device, getattr(torch, config.dtype))
     generator.eval()
     return TrainedRun(run, config, resolved, target, generator)

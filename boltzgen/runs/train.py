@@ -38,12 +38,13 @@ from boltzgen.runs.target import (
     Target,
     build_generator,
     build_target,
+    load_generator,
     reference_structure,
     select_device,
     to_flow_dtype,
 )
 from boltzgen.symmetry import energy_invariant_rotors, find_rotors, random_relabel
-from boltzgen.training import Trainer, check_recipe, check_stages_distributable, load_model_state, read_checkpoint
+from boltzgen.training import Trainer, check_recipe, check_stages_distributable
 
 #: Energy added to the mirror image (D) of a molecule trained without data, when it rejects wrong chirality (kT).
 CHIRALITY_PENALTY_KT = 1e4
@@ -75,8 +76,7 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
     target = build_target(config)
     check_train(config, target.shape, run.path)
     if resuming:
-        load_model_state(build_generator(config, target, None), read_checkpoint(run.checkpoint)["model"],
-                         run.checkpoint)
+        load_generator(config, target, run.checkpoint)
     elif distributed.is_main():
         atomic_write_text(run.config, dump_config(resolved))
     energy = target.energy.to(device)

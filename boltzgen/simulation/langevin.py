@@ -219,9 +219,9 @@ def checkpoint_start_positions(path: Path) -> np.ndarray | None:
 def _load_checkpoint(path: Path, fingerprint: str) -> tuple[bytes, _Progress, int]:
     with h5py.File(path, "r") as f:
         if f.attrs.get("fingerprint") != fingerprint:
-            raise ValueError(
-                f"checkpoint {path} belongs to a different run (system, start positions or MD "
-                "parameters differ); delete it or pass resume=False"
+            raise DataFileError(
+                f"{path}: this MD checkpoint belongs to a different run (system, start positions or MD "
+                "settings differ); delete it to run that MD afresh, or train into a new --out"
             )
         blob = f["openmm_checkpoint"][...].tobytes()
         buf = _Progress(

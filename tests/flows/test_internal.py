@@ -233,6 +233,48 @@ def test_fit_standardizes_bonds_and_angles_only():
     torch.testing.assert_close(ld_std - ld_raw, torch.log(ic.standardization.scale).sum().expand(4))
 
 
+def _fitted_with_rigid_torsions(gen: torch.Generator, n: int = 400):
+    """A BRANCHED molecule whose torsions 0 and 2 are free (uniform) and 1 and 3 rigid (0.1 rad),
+    torsion 3 centred on the seam at pi; fitted, with its data [n, 21]."""
+    zmat = build_zmatrix(BRANCHED, 7)
+    base = InternalCoordinates(zmat)
+    z = random_ic(7, n, gen)
+    t = z[:, base.n_bonds + base.n_angles:]
+    t[:, 1] = 1.0 + 0.1 * torch.randn(n, generator=gen, dtype=DT)
+    t[:, 3] = math.pi + 0.1 * torch.randn(n, generator=gen, dtype=DT)
+    x, _ = base(z)
+    return InternalCoordinates.fit(zmat, x), x
+
+
+def test_fit_makes_narrow_torsions_rigid_and_standardizes_them():
+    gen = torch.Generator().manual_seed(11)
+    ic, data = _fitted_with_rigid_torsions(gen)
+    torsions = ic.circular_mask[ic.n_bonds + ic.n_angles:]
+    assert torsions.tolist() == [True, False, True, False]
+    z, _ = ic.inverse(data)
+    rigid = torch.zeros_like(ic.circular_mask)
+    rigid[ic.n_bonds + ic.n_angles:] = ~torsions
+    # wrap(t - mean) / std: centred and of unit RMS, also across the seam (no value near +-pi / std).
+    torch.testing.assert_close(z[:, rigid].mean(0), torch.zeros(2, dtype=DT), atol=0.02, rtol=0)
+    torch.testing.assert_close(z[:, rigid].pow(2).mean(0).sqrt(), torch.ones(2, dtype=DT), atol=1e-10, rtol=0)
+    assert z[:, rigid].abs().max() < 0.5 * math.pi / ic.standardization.scale[rigid].max()
+    x2, ld_f = ic(z)
+    z2, ld_i = ic.inverse(x2)
+    torch.testing.assert_close(z2, z, atol=1e-9, rtol=0)
+    torch.testing.assert_close(ld_f + ld_i, torch.zeros_like(ld_f), atol=1e-9, rtol=0)
+    # Without the option every torsion stays circular, as before.
+    assert InternalCoordinates.fit(ic.zmatrix.numpy(), data, rigid_torsions=False).circular_mask[
+        ic.n_bonds + ic.n_angles:].all()
+
+
+def test_rigid_torsion_logdet_matches_autograd_jacobian():
+    gen = torch.Generator().manual_seed(12)
+    ic, data = _fitted_with_rigid_torsions(gen)
+    for z in ic.inverse(data[:3])[0]:
+        _, logdet = ic(z.unsqueeze(0))
+        torch.testing.assert_close(logdet[0], _free_jacobian_logdet(ic, z), atol=1e-9, rtol=1e-9)
+
+
 def test_torsions_half_open_interval():
     ic = InternalCoordinates(build_zmatrix(CHAIN, 6))
     gen = torch.Generator().manual_seed(4)

@@ -381,10 +381,38 @@ def test_molecular_train_writes_mdtraj_readable_files(alanine_run):
         assert (alanine_run / "plots" / plot).stat().st_size > 0
 
 
-def test_molecular_summary_counts_chirality_and_reports_md(alanine_run):
-    summary = json.loads((alanine_run / "summary.json").read_text())
+def test_reloaded_run_keeps_the_torsion_layout_and_its_densities(alanine_run):
+    """The coordinates fitted to the data make rigid torsions Gaussian; a reloaded run (fitted to no
+    data) must rebuild that layout from the checkpoint, or its densities would silently differ."""
+    run = load_run(RunDir(alanine_run))
+    coordinates = run.generator.flow.layers[-1]
+    torsions = run.generator.prior.circular[coordinates.n_bonds + coordinates.n_angles:]
+    assert not bool(torsions.all())
+    assert torch.equal(coordinates.circular_mask, run.generator.prior.circular)
+    saved = read_samples(alanine_run / "samples.h5", ("log_q",))
+    x = torch.as_tensor(saved["x"][:64], dtype=torch.float32)
+    with torch.no_grad():
+        log_q = run.generator.log_prob(x).double().numpy()
+    np.testing.assert_allclose(log_q, saved["log_q"][:64], atol=2e-3, rtol=0)
+
+
+@pytest.fixture(scope="module")
+def circular_alanine_run(tmp_path_factory):
+    """The tiny run with every torsion circular, the improper that fixes CA's chirality included:
+    the barely trained flow then draws mirror images."""
+    out = tmp_path_factory.mktemp("alanine_circular")
+    assert cli.main(["train", str(ALANINE), "--out", str(out), "--no-progress", *TINY_MOLECULE,
+                     "--set", "coordinates.rigid_torsions=false"]) == 0
+    return out
+
+
+def test_molecular_summary_counts_chirality_and_reports_md(alanine_run, circular_alanine_run):
+    # A rigid improper holds CA's chirality within a few of its 0.08 rad standard deviations (the
+    # mirror image is ~50 away), even untrained; circular splines from a uniform prior do not.
+    assert json.loads((alanine_run / "summary.json").read_text())["n_wrong_chirality"] == 0
+    summary = json.loads((circular_alanine_run / "summary.json").read_text())
     assert summary["n_samples"] == 300
-    assert 0 <= summary["n_wrong_chirality"] <= 300
+    assert 0 < summary["n_wrong_chirality"] <= 300
     # rejected wrong-chirality samples are weight 0, so they are among the non-finite weights
     assert summary["n_nonfinite"] >= summary["n_wrong_chirality"]
     row = summary["baseline"]["free_energies"][0]
@@ -439,15 +467,16 @@ def test_untemplated_residue_is_one_line(tmp_path, capsys):
     assert "\n" not in err and "ALX" in err and "bad.pdb" in err
 
 
-def test_mcmc_on_a_molecule_keeps_the_l_form(alanine_run):
+def test_mcmc_on_a_molecule_keeps_the_l_form(circular_alanine_run):
     """The target is L-alanine: an IMH proposal of the mirror image (which a barely trained flow
-    makes often) has u = inf and is rejected, so every kept state is L."""
+    with circular torsions makes often) has u = inf and is rejected, so every kept state is L."""
     from boltzgen.geometry import is_l_chirality
 
-    out = alanine_run / "mcmc_chirality"
-    summary = mcmc_job(RunDir(alanine_run), chains=16, steps=20, warmup=5, moves="imh", out_dir=out, progress=False)
+    out = circular_alanine_run / "mcmc_chirality"
+    summary = mcmc_job(RunDir(circular_alanine_run), chains=16, steps=20, warmup=5, moves="imh", out_dir=out,
+                       progress=False)
     x = torch.as_tensor(read_samples(out / "chains.h5")["x"])
-    assert bool(is_l_chirality(x, load_run(RunDir(alanine_run)).target.topology).all())
+    assert bool(is_l_chirality(x, load_run(RunDir(circular_alanine_run)).target.topology).all())
     assert summary.n_nonfinite > 0  # mirror-image proposals were made, and rejected
 
 

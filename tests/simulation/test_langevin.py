@@ -159,7 +159,7 @@ def test_extend_finished_run_and_refuse_foreign_checkpoint(tmp_path: Path) -> No
     assert longer.n_frames == 40
     np.testing.assert_array_equal(longer.positions_nm, ref.positions_nm)
 
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(DataFileError, match="different run"):
         run_langevin(
             system, top, pos, steps=2000, out_h5=tmp_path / "x.h5", checkpoint=ckpt, resume=True,
             **{**kw, "seed": 99},

@@ -11,6 +11,7 @@ import openmm
 import pytest
 from openmm import unit
 
+from boltzgen.errors import DataFileError
 from boltzgen.estimators.umbrella import bin_centers, umbrella_bias
 from boltzgen.simulation.langevin import load_md
 from boltzgen.simulation.umbrella import (
@@ -112,7 +113,7 @@ def test_umbrella_resume_reuses_finished_windows(tmp_path: Path) -> None:
     for c, p in zip(first.centers_rad, first.phi_per_window):
         assert abs((np.mean(np.exp(1j * p)) * np.exp(-1j * c))) > 0.5
     # Another seed in the same folder is a different run: its checkpoints are refused.
-    with pytest.raises(ValueError, match="different run"):
+    with pytest.raises(DataFileError, match="different run"):
         run_umbrella(system, top, pos, **{**kw, "seed": 8, "steps_per_window": 3000})
 
 
