@@ -20,7 +20,7 @@ configurations are physically strained; the energy, not this transform, is what 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -324,6 +324,39 @@ class InternalCoordinates(Bijection):
         z, logdet = self.standardization.to_latent(ic)
         z = torch.where(self.circular_mask, wrap_angle(z), z)
         return z, logdet - self._log_volume(bonds, angles)
+
+
+def rigid_torsions_by_scan(
+    coordinates: InternalCoordinates,
+    structure: Tensor,
+    energy: Callable[[Tensor], Tensor],
+    barrier_kT: float = 15.0,
+    reach: float = math.pi / 3,
+    step: float = math.radians(5),
+) -> Tensor:
+    """Which torsions of ``structure`` ``[1, 3N]`` (nm, e.g. an energy minimum) are rigid, judged
+    from the reduced energy alone, for training without data: ``[N-3]`` bool.
+
+    Each torsion is turned alone (every other internal coordinate fixed, so the atoms placed from
+    it turn along) by up to ``reach`` rad both ways in steps of ``step``. It is free (circular) if
+    one way gets there without the energy rising ``barrier_kT`` above the structure's; a non-finite
+    energy counts as a wall. A rigid scan overestimates barriers, which errs on the side of rigid
+    only where atoms clash. Methyl rotors and backbone torsions come out free, amide, improper and
+    sibling-hydrogen torsions rigid. One energy call of ``2 (N-3) reach/step`` configurations.
+    """
+    plain = InternalCoordinates(coordinates.zmatrix.cpu().numpy()).to(structure)
+    ic = plain.internal(structure)
+    offsets = torch.arange(1, int(round(reach / step)) + 1, dtype=ic.dtype, device=ic.device) * step
+    turns = torch.cat([offsets, -offsets])  # [2S]: one way, then the other
+    n_t, n_s = plain.n_torsions, len(offsets)
+    scan = ic.repeat(n_t * 2 * n_s, 1)
+    rows = torch.arange(n_t * 2 * n_s, device=ic.device)
+    column = plain.n_bonds + plain.n_angles + rows // (2 * n_s)
+    scan[rows, column] += turns.repeat(n_t)
+    with torch.no_grad():
+        u = energy(torch.cat([structure, plain(scan)[0]]))
+    rise = torch.nan_to_num(u[1:] - u[0], nan=math.inf).reshape(n_t, 2, n_s)
+    return ~(rise.amax(dim=-1) < barrier_kT).any(dim=-1)
 
 
 # --------------------------------------------------------------------------------------------------

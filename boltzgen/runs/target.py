@@ -32,7 +32,7 @@ from boltzgen.cvs import BACKBONE_TORSION
 from boltzgen.errors import RunError
 from boltzgen.estimators.free_energy import FreeEnergy
 from boltzgen.flows.build import build_flow
-from boltzgen.flows.internal import InternalCoordinates, MixedCoordinates
+from boltzgen.flows.internal import InternalCoordinates, MixedCoordinates, rigid_torsions_by_scan
 from boltzgen.flows.transforms import ActNorm
 from boltzgen.flows.zmatrix import build_mixed_zmatrix, zmatrix_from_topology
 from boltzgen.generator import BoltzmannGenerator
@@ -270,7 +270,10 @@ def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | Non
         plain = InternalCoordinates(zmatrix_from_topology(topology))
         std = torch.full((plain.dim_internal,), REFERENCE_STD["angle"], dtype=torch.float64)
         std[: plain.n_bonds] = REFERENCE_STD["bond"]
-        return InternalCoordinates(plain.zmatrix.cpu().numpy(), mean=plain.internal(data)[0], std=std)
+        std[plain.n_bonds + plain.n_angles:] = REFERENCE_STD["torsion"]
+        rigid = rigid_torsions_by_scan(plain, data, target.energy) if config.coordinates.rigid_torsions \
+            else torch.zeros(plain.n_torsions, dtype=torch.bool)
+        return InternalCoordinates(plain.zmatrix.cpu().numpy(), mean=plain.internal(data)[0], std=std, circular=~rigid)
     if config.coordinates.type == "internal":
         zmatrix = zmatrix_from_topology(topology)
         if data is not None:
@@ -288,8 +291,9 @@ def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | Non
 
 
 #: Standardization of internal coordinates around one reference structure, when no data fit it:
-#: bonds in nm, angles in rad (torsions are not scaled); the values of Stimper et al.'s alanine flows.
-REFERENCE_STD = {"bond": 0.005, "angle": 0.15}
+#: bonds in nm, angles in rad, the values of Stimper et al.'s alanine flows; rigid torsions (found by
+#: an energy scan) in rad like angles, free torsions are not scaled.
+REFERENCE_STD = {"bond": 0.005, "angle": 0.15, "torsion": 0.15}
 
 
 def reference_structure(target: Target) -> torch.Tensor:

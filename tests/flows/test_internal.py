@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from boltzgen.flows.internal import InternalCoordinates, MixedCoordinates
+from boltzgen.flows.internal import InternalCoordinates, MixedCoordinates, rigid_torsions_by_scan
 from boltzgen.flows.zmatrix import build_mixed_zmatrix, build_zmatrix, zmatrix_from_topology
 from boltzgen.geometry import find_alpha_carbon_chirality, is_l_chirality
 from tests.helpers import BENZENE, BRANCHED, CHAIN
@@ -273,6 +273,30 @@ def test_rigid_torsion_logdet_matches_autograd_jacobian():
     for z in ic.inverse(data[:3])[0]:
         _, logdet = ic(z.unsqueeze(0))
         torch.testing.assert_close(logdet[0], _free_jacobian_logdet(ic, z), atol=1e-9, rtol=1e-9)
+
+
+def test_scan_finds_rigid_torsions_from_the_energy_alone():
+    """Torsions restrained by 1 - cos terms: a weak one (reaches 60 deg within 15 kT) is free, a stiff
+    one is rigid, one whose turn one way is blocked by a wall (non-finite energy) but not the other
+    way is free, and one blocked both ways is rigid."""
+    gen = torch.Generator().manual_seed(13)
+    zmat = build_zmatrix(BRANCHED, 7)
+    plain = InternalCoordinates(zmat)
+    x0 = plain(random_ic(7, 1, gen))[0]
+    t0 = plain.internal(x0)[0, plain.n_bonds + plain.n_angles:]
+    k = torch.tensor([2.0, 200.0, 2.0, 2.0], dtype=DT)
+
+    def energy(x: torch.Tensor) -> torch.Tensor:
+        d = wrap(plain.internal(x)[:, plain.n_bonds + plain.n_angles:] - t0)
+        u = (k * (1 - torch.cos(d))).sum(1)
+        u = torch.where(d[:, 2] > 0.5, torch.nan, u)  # torsion 2: a wall one way
+        return torch.where(d[:, 3].abs() > 0.5, torch.inf, u)  # torsion 3: walls both ways
+
+    assert rigid_torsions_by_scan(plain, x0, energy).tolist() == [False, True, False, True]
+
+
+def wrap(a: torch.Tensor) -> torch.Tensor:
+    return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
 
 
 def test_torsions_half_open_interval():

@@ -90,3 +90,29 @@ def test_a_molecule_trained_without_data_runs_no_md(tmp_path):
     assert not (out / "md").exists() and "baseline" not in summary
     assert summary["log_z"]["relative"] is True and "exact" not in summary["log_z"]
     assert (out / "plots" / "ramachandran.png").exists() and (out / "diagnostics.csv").exists()
+
+
+@pytest.mark.skipif(not (ROOT / "systems" / "alanine-dipeptide.pdb").exists(), reason="no alanine PDB")
+def test_without_data_the_energy_decides_which_torsions_are_free():
+    """From the minimized structure alone: phi, psi and the three methyl rotors are free; the amides,
+    the improper that fixes CA's chirality and every sibling hydrogen are rigid."""
+    import torch
+
+    from boltzgen.config import load_config
+    from boltzgen.runs.target import build_coordinates, build_target, reference_structure
+
+    config, _ = load_config(ROOT / "systems" / "alanine_implicit_nodata.yaml")
+    target = build_target(config)
+    coordinates = build_coordinates(config, target, reference_structure(target))
+    names = [f"{a.residue.name}-{a.name}" for a in target.topology.atoms]
+    rows = coordinates.zmatrix[3:].tolist()
+    free = coordinates.circular_mask[coordinates.n_bonds + coordinates.n_angles:]
+    bonds = {frozenset((names[j], names[k])) for (_, j, k, _), f in zip(rows, free.tolist()) if f}
+    assert bonds == {frozenset(b) for b in [("ALA-N", "ALA-CA"), ("ALA-CA", "ALA-C"), ("ACE-CH3", "ACE-C"),
+                                            ("ALA-CB", "ALA-CA"), ("NME-C", "NME-N")]}
+    # Five rows turn about those bonds (one each): the rest, 14 of 19, are rigid.
+    assert int(free.sum()) == 5
+    assert bool((coordinates.standardization.scale[coordinates.n_bonds + coordinates.n_angles:][~free] < 0.26).all())
+    assert not build_coordinates(config.model_copy(update={"coordinates": config.coordinates.model_copy(
+        update={"rigid_torsions": False})}), target, reference_structure(target)).circular_mask.logical_not()[
+        coordinates.n_bonds + coordinates.n_angles:].any()
