@@ -20,7 +20,13 @@ from boltzgen.baseline_config import RemdConfig, UmbrellaConfig, check_ladder  #
 from boltzgen.config_base import StrictModel
 from boltzgen.errors import ConfigError
 from boltzgen.files import unreadable_reason
-from boltzgen.stage_config import AISConfig, AnnealingConfig, FABConfig, ReplayConfig  # noqa: F401 (re-exported)
+from boltzgen.stage_config import (  # noqa: F401 (re-exported)
+    AISConfig,
+    AnnealingConfig,
+    FABConfig,
+    ReplayConfig,
+    ReweightingConfig,
+)
 from boltzgen.states import check_state_cvs, pdb_cv_names, resolve_states
 
 
@@ -309,14 +315,19 @@ class TrainingStage(StrictModel):
     (flow annealed importance sampling bootstrap: the alpha = 2 divergence estimated by AIS toward
     p^2/q, settings in ``fab``: its ``ais`` and ``replay``, see :class:`FABConfig`) or
     ``annealing`` (reverse KL hot, then reweighting down a temperature ladder; settings in ``annealing``).
+    ``reweighted_forward_kl``: maximum likelihood on the flow's own samples, resampled by their
+    importance weights toward p (settings in ``reweighting``): forward KL to p itself, without data,
+    for a flow already good enough that its weights are usable (ESS of tenths), e.g. after
+    ``forward_kl``, whose data it no longer copies (their basins' weights, their sampling noise).
     ``u_max``: reduced energies above it are cut lin-log, u -> u_max + log(1 + u - u_max), in the
     reverse KL, so that clashes give large but finite gradients.
     ``temperature_factor``: the reverse KL targets u / temperature_factor (annealing: > 1 is hotter).
     """
 
-    loss: Literal["forward_kl", "reverse_kl", "mixed", "fab", "annealing"]
+    loss: Literal["forward_kl", "reverse_kl", "mixed", "fab", "annealing", "reweighted_forward_kl"]
     fab: FABConfig | None = None
     annealing: AnnealingConfig | None = None
+    reweighting: ReweightingConfig | None = None
     steps: int = Field(ge=1, le=MAX_STEPS)
     batch: int = Field(default=256, ge=1, le=MAX_BATCH)
     lr: float = Field(default=1e-3, gt=0, le=1.0)
@@ -344,6 +355,11 @@ class TrainingStage(StrictModel):
     def fab_settings(self) -> FABConfig:
         """``fab``, or the defaults when the stage gives none."""
         return self.fab if self.fab is not None else FABConfig()
+
+    @property
+    def reweighting_settings(self) -> ReweightingConfig:
+        """``reweighting``, or the defaults when the stage gives none."""
+        return self.reweighting if self.reweighting is not None else ReweightingConfig()
 
 
 class SamplingConfig(StrictModel):

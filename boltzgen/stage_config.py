@@ -55,6 +55,15 @@ class FABConfig(StrictModel):
     replay: ReplayConfig | None = ReplayConfig()
 
 
+class ReweightingConfig(StrictModel):
+    """The settings of a ``reweighted_forward_kl`` stage: ``samples`` flow samples are drawn, given
+    their importance weights toward p, and fitted by maximum likelihood (minibatches resampled by
+    weight), drawn afresh every ``resample_every`` steps."""
+
+    samples: int = Field(default=100_000, ge=2, le=MAX_STORED)
+    resample_every: int | None = Field(default=250, ge=1, le=MAX_STEPS)
+
+
 class AnnealingConfig(StrictModel):
     """Temperature annealing of an ``annealing`` stage (TA-BG): ``temperatures`` are factors of the
     target temperature, decreasing to 1. The first ``hot_fraction`` of the steps trains by reverse KL

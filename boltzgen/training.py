@@ -8,8 +8,9 @@ What each reported loss means (they are not distances and can be negative):
   negative whenever Z > 1, so a negative value is normal.
 * ``loss`` = forward_weight * forward_nll + reverse_weight * reverse_kl for the stage's weights.
   A ``fab`` stage's loss is -sum_i w̄_i log q(x_i) over AIS (or replayed) samples, an ``annealing``
-  stage's the reverse KL at its hot temperature, then the NLL of reweighted flow samples; both run
-  in :mod:`boltzgen.stages`, need no data, and checkpoint their state (buffer, step sizes) too.
+  stage's the reverse KL at its hot temperature, then the NLL of reweighted flow samples, a
+  ``reweighted_forward_kl`` stage's that NLL at the target alone; they run in
+  :mod:`boltzgen.stages`, need no data, and checkpoint their state (buffer, step sizes, sets) too.
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ def reverse_kl_loss(
 
 #: The states whose density each loss needs, other than samples from the same pass of the flow.
 DENSITY_NEEDED_OF = {"forward_kl": "the training data", "mixed": "the training data", "fab": "its AIS samples",
-                     "annealing": "the flow samples it stores and refits"}
+                     "annealing": "the flow samples it stores and refits",
+                     "reweighted_forward_kl": "the flow samples it stores and refits"}
 
 
 def needs_data_density(stage: TrainingStage) -> bool:

@@ -56,6 +56,10 @@ def test_fab_defaults_and_the_shipped_configs_load(tmp_path):
     ("training[0]={loss: annealing, steps: 10, annealing: {temperatures: [4.0, 2.0]}}",
      "training[0].annealing", "end at 1.0"),
     ("system={type: many_well, dim: 7}", "system.dim", "multiple of 2"),
+    ("training[0]={loss: reweighted_forward_kl, steps: 10, reweighting: {samples: 1}}",
+     "training[0].reweighting.samples", "greater than or equal to 2"),
+    ("training[0]={loss: reweighted_forward_kl, steps: 10, reweighting: {resample_every: 0}}",
+     "training[0].reweighting.resample_every", "greater than or equal to 1"),
 ])
 def test_bad_settings_are_one_line_errors(tmp_path, override, where, says):
     message = error_of(write(tmp_path, BASE), [override])

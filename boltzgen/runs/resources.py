@@ -73,6 +73,8 @@ def stored_samples_memory(config: Config, dim: int) -> int:
             largest = max(largest, replay.size * 8 * (dim + 2))
         if stage.loss == "annealing" and stage.annealing is not None:
             largest = max(largest, stage.annealing.samples * 8 * (dim + 4))
+        if stage.loss == "reweighted_forward_kl":
+            largest = max(largest, stage.reweighting_settings.samples * 8 * (dim + 4))
     return largest
 
 
@@ -115,7 +117,7 @@ def check_train(config: Config, shape: Shape, out: Path) -> None:
             baseline_memory(config, shape), memory, "lower them")
     require("training (batch x flow.blocks x flow.hidden)", training_memory(config, shape.dim), memory,
             "lower training[*].batch or the flow's size")
-    require("the samples data-free stages keep (fab.replay.size, annealing.samples)",
+    require("the samples data-free stages keep (fab.replay.size, annealing.samples, reweighting.samples)",
             stored_samples_memory(config, shape.dim), memory, "lower them")
     check_samples(shape, config.sampling.n, config.sampling.batch, out, "sampling.n")
 

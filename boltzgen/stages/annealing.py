@@ -33,17 +33,24 @@ class AnnealingRunner(StageRunner):
     """An ``annealing`` stage. Its steps: the first ``hot_fraction`` reverse KL at ``temperatures[0]``
     (with the stage's ``u_max``); the rest in equal parts at each lower temperature, fitting the
     reweighted flow samples (see the module docstring). Non-finite energies in a drawn set are weight
-    0 and counted in that step's ``n_nonfinite``."""
+    0 and counted in that step's ``n_nonfinite``.
+
+    A ``reweighted_forward_kl`` stage is the last rung alone: every step fits the flow's own samples
+    reweighted to the target (temperature 1), with no hot phase."""
 
     def __init__(self, generator: BoltzmannGenerator, stage: TrainingStage, reverse_kl: ReverseKL) -> None:
-        assert stage.annealing is not None
-        cfg = stage.annealing
         self.generator = generator
         self.reverse_kl = reverse_kl
         self.batch, self.u_max = stage.batch, stage.u_max
-        self.temperatures = list(cfg.temperatures)
+        if stage.loss == "reweighted_forward_kl":
+            cfg = stage.reweighting_settings
+            hot_fraction, self.temperatures = 0.0, [math.inf, 1.0]  # an empty hot segment, then the target
+        else:
+            assert stage.annealing is not None
+            cfg = stage.annealing
+            hot_fraction, self.temperatures = cfg.hot_fraction, list(cfg.temperatures)
         self.samples, self.resample_every = cfg.samples, cfg.resample_every
-        n_hot = int(round(cfg.hot_fraction * stage.steps))
+        n_hot = int(round(hot_fraction * stage.steps))
         rest, k = stage.steps - n_hot, len(self.temperatures) - 1
         #: First step of each temperature (the hot reverse-KL phase is segment 0, empty when n_hot is 0).
         self.starts = [0] + [n_hot + (i * rest) // k for i in range(k)]

@@ -13,7 +13,7 @@ from boltzgen.config import TrainingStage
 from boltzgen.generator import BoltzmannGenerator
 
 #: Losses that need no training data: their stage runs a :class:`StageRunner`.
-DATA_FREE_LOSSES = ("fab", "annealing")
+DATA_FREE_LOSSES = ("fab", "annealing", "reweighted_forward_kl")
 
 #: ``(generator, batch, u_max, temperature_factor) -> (loss, log_w, n_nonfinite)``: the Trainer's
 #: reverse KL, handed to the annealing stage for its hot phase.
@@ -56,12 +56,12 @@ class StageRunner(ABC):
 
 
 def make_runner(generator: BoltzmannGenerator, stage: TrainingStage, reverse_kl: ReverseKL) -> StageRunner:
-    """The runner of a ``fab`` or ``annealing`` stage."""
+    """The runner of a ``fab``, ``annealing`` or ``reweighted_forward_kl`` stage."""
     if stage.loss == "fab":
         from boltzgen.stages.fab import FABRunner
 
         return FABRunner(generator, stage)
-    if stage.loss == "annealing":
+    if stage.loss in ("annealing", "reweighted_forward_kl"):
         from boltzgen.stages.annealing import AnnealingRunner
 
         return AnnealingRunner(generator, stage, reverse_kl)

@@ -1,4 +1,5 @@
-"""FAB and annealing stages in the Trainer: they learn, resume bit for bit, and count non-finite energies."""
+"""FAB, annealing and reweighted stages in the Trainer: they learn, resume bit for bit, and count
+non-finite energies."""
 
 from __future__ import annotations
 
@@ -20,20 +21,28 @@ ANNEALING = TrainingStage(loss="annealing", steps=24, batch=64, lr=3e-3,
                           annealing={"temperatures": [3.0, 1.5, 1.0], "hot_fraction": 0.25, "samples": 300,
                                      "resample_every": 5})
 
+REWEIGHTED = TrainingStage(loss="reweighted_forward_kl", steps=12, batch=64, lr=3e-3,
+                           reweighting={"samples": 300, "resample_every": 5})
 
-def trainer(out: Path, stages: list[TrainingStage], energy=None, init_seed: int = 0) -> Trainer:
+
+def trainer(out: Path, stages: list[TrainingStage], energy=None, init_seed: int = 0, data=None) -> Trainer:
     generator = make_generator(energy or GaussianEnergy(), blocks=2, hidden=(16, 16), actnorm=True, init_seed=init_seed)
     return Trainer(generator, stages, out / "checkpoint.pt", out / "metrics.csv", checkpoint_every=1000, log_every=3,
-                   progress=False)
+                   progress=False, data=data)
 
 
-@pytest.mark.parametrize("stop_after", [7, 13, 30, 41], ids=["mid-replay-round", "round-start", "fresh-fab", "annealing"])
+def kish(log_w: torch.Tensor) -> float:
+    return float(torch.exp(2 * torch.logsumexp(log_w, 0) - torch.logsumexp(2 * log_w, 0))) / log_w.numel()
+
+
+@pytest.mark.parametrize("stop_after", [7, 13, 30, 41, 61],
+                         ids=["mid-replay-round", "round-start", "fresh-fab", "annealing", "reweighted"])
 def test_resuming_data_free_stages_is_bit_identical(tmp_path, stop_after):
     """A run stopped anywhere (inside a round of replay updates, inside an annealing segment) and
     resumed in a new Trainer gives the same flow, metrics and diagnostics as one that never stopped:
     the checkpoint holds the replay buffer, the drawn minibatches, the HMC step sizes and the
-    annealing's reweighted set."""
-    stages = [FAB, FAB_FRESH, ANNEALING]
+    annealing's (and the reweighted stage's) reweighted set."""
+    stages = [FAB, FAB_FRESH, ANNEALING, REWEIGHTED]
     torch.manual_seed(11)
     reference = trainer(tmp_path / "ref", stages)
     reference.run()
@@ -72,7 +81,31 @@ def test_fab_and_annealing_learn_a_gaussian_without_data(tmp_path):
         assert all(key in row for row in rows if row["stage"] == 0)
 
 
-@pytest.mark.parametrize("stage", [FAB, FAB_FRESH, ANNEALING], ids=["fab", "fab-no-buffer", "annealing"])
+def test_reweighted_forward_kl_corrects_a_flow_fitted_to_biased_data(tmp_path):
+    """Data drawn off the target (shifted by 0.6 sigma per dimension) leave a forward-KL flow at
+    their mean; refitting the flow's own samples reweighted toward p moves it onto p."""
+    energy = GaussianEnergy()
+    shifted = energy.mu + 0.6 * energy.sigma
+    data = (shifted + energy.sigma * torch.randn(4000, energy.dim, generator=torch.Generator().manual_seed(3),
+                                                 dtype=torch.float64)).float()
+    fit = TrainingStage(loss="forward_kl", steps=200, batch=256, lr=1e-2)
+    refit = TrainingStage(loss="reweighted_forward_kl", steps=200, batch=256, lr=3e-3,
+                          reweighting={"samples": 4000, "resample_every": 20})
+    flows = {}
+    for name, stages in [("fit", [fit]), ("refit", [fit, refit])]:
+        torch.manual_seed(0)
+        t = trainer(tmp_path / name, stages, energy=energy, data=data)
+        t.run()
+        with torch.no_grad():
+            flows[name] = t.generator.sample(20000)
+    before, after = kish(flows["fit"].log_w), kish(flows["refit"].log_w)
+    assert before < 0.75 and after > max(0.9, before + 0.15), (before, after)
+    offset = (flows["refit"].x.double().mean(0) - energy.mu).abs().max()
+    assert float(offset) < 0.15 * energy.sigma
+
+
+@pytest.mark.parametrize("stage", [FAB, FAB_FRESH, ANNEALING, REWEIGHTED],
+                         ids=["fab", "fab-no-buffer", "annealing", "reweighted"])
 def test_a_data_free_stage_counts_nonfinite_energies_and_never_zeroes_them(tmp_path, stage):
     """u = +inf where x0 > 0.5 (a third of the flow's samples at first): the stage trains on, its
     losses stay finite, and every non-finite energy it met is counted in the metrics."""
