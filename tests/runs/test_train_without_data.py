@@ -96,7 +96,6 @@ def test_a_molecule_trained_without_data_runs_no_md(tmp_path):
 def test_without_data_the_energy_decides_which_torsions_are_free():
     """From the minimized structure alone: phi, psi and the three methyl rotors are free; the amides,
     the improper that fixes CA's chirality and every sibling hydrogen are rigid."""
-
     from boltzgen.config import load_config
     from boltzgen.runs.target import build_coordinates, build_target, reference_structure
 
