@@ -357,6 +357,7 @@ TINY_MOLECULE = [
     "--set", "md.steps=2000", "--set", "md.report_every=20", "--set", "md.seed_states=false",
     "--set", "flow.blocks=2", "--set", "flow.hidden=[16]",
     "--set", "training[0].steps=10", "--set", "training[0].batch=32",
+    "--set", "training[1]={loss: reweighted_forward_kl, steps: 4, batch: 32, reweighting: {samples: 256}}",
     "--set", "log_every=2", "--set", "checkpoint_every=5",
     "--set", "sampling.n=300", "--set", "sampling.batch=128",
 ]
