@@ -14,6 +14,7 @@ Kish ESS / N of the reweighted set). The last temperature is the target's (1).
 from __future__ import annotations
 
 import math
+import sys
 from typing import Any
 
 import torch
@@ -27,6 +28,10 @@ from boltzgen.stages.base import ReverseKL, StageRunner, StageStep
 _F64 = torch.float64
 #: Flow samples per forward pass when drawing the set to reweight.
 DRAW_BATCH = 65536
+#: Below this Kish ESS / N of its drawn set, a ``reweighted_forward_kl`` stage warns: it would fit a
+#: few heavy samples (on tetra-alanine at 0.01 the flow's batch ESS fell from ~0.08 to 0.004 in 2,000
+#: steps).
+REWEIGHTED_MIN_ESS = 0.05
 
 
 class AnnealingRunner(StageRunner):
@@ -42,6 +47,7 @@ class AnnealingRunner(StageRunner):
         self.generator = generator
         self.reverse_kl = reverse_kl
         self.batch, self.u_max = stage.batch, stage.u_max
+        self.warn_below = REWEIGHTED_MIN_ESS if stage.loss == "reweighted_forward_kl" else None
         if stage.loss == "reweighted_forward_kl":
             cfg = stage.reweighting_settings
             hot_fraction, self.temperatures = 0.0, [math.inf, 1.0]  # an empty hot segment, then the target
@@ -77,6 +83,11 @@ class AnnealingRunner(StageRunner):
         self.x = x.detach()
         self.log_w = torch.where(finite, log_w, torch.full_like(log_w, -math.inf))
         self.set_ess = kish_ess(self.log_w.cpu().numpy())
+        if self.warn_below is not None and self.set_ess < self.warn_below:
+            print(f"boltzgen: warning: reweighted_forward_kl: the flow's {self.samples:,} samples have ESS "
+                  f"{self.set_ess:.3g} toward p; fitting so few effective samples can degrade the flow. Train "
+                  "longer by forward KL first, or leave this stage out", file=sys.stderr)
+            self.warn_below = None  # once per stage
         n_nonfinite = int((~finite).sum())
         return n_nonfinite, kish_ess(torch.cat([s.log_w for s in parts]).cpu().numpy())
 

@@ -104,6 +104,15 @@ def test_reweighted_forward_kl_corrects_a_flow_fitted_to_biased_data(tmp_path):
     assert float(offset) < 0.15 * energy.sigma
 
 
+def test_reweighted_forward_kl_warns_once_when_the_flows_weights_are_unusable(tmp_path, capsys):
+    far = GaussianEnergy(mu=(6.0, -6.0), sigma=0.3)  # the untrained flow's weights: ESS ~0
+    trainer(tmp_path / "far", [REWEIGHTED], energy=far).run()
+    err = capsys.readouterr().err
+    assert err.count("warning: reweighted_forward_kl") == 1 and "Train longer by forward KL" in err
+    trainer(tmp_path / "near", [REWEIGHTED]).run()  # the untrained flow on the default target
+    assert "warning" not in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("stage", [FAB, FAB_FRESH, ANNEALING, REWEIGHTED],
                          ids=["fab", "fab-no-buffer", "annealing", "reweighted"])
 def test_a_data_free_stage_counts_nonfinite_energies_and_never_zeroes_them(tmp_path, stage):
