@@ -58,7 +58,7 @@ class FABConfig(StrictModel):
 class ReweightingConfig(StrictModel):
     """The settings of a ``reweighted_forward_kl`` stage: ``samples`` flow samples are drawn, given
     their importance weights toward p, and fitted by maximum likelihood (minibatches resampled by
-    weight), drawn afresh every ``resample_every`` steps."""
+    weight), drawn afresh every ``resample_every`` steps (``null``: once, at the stage's start)."""
 
     samples: int = Field(default=100_000, ge=2, le=MAX_STORED)
     resample_every: int | None = Field(default=250, ge=1, le=MAX_STEPS)

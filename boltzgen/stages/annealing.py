@@ -47,10 +47,11 @@ class AnnealingRunner(StageRunner):
         self.generator = generator
         self.reverse_kl = reverse_kl
         self.batch, self.u_max = stage.batch, stage.u_max
-        self.warn_below = REWEIGHTED_MIN_ESS if stage.loss == "reweighted_forward_kl" else None
+        self.warn_below: float | None = None
         if stage.loss == "reweighted_forward_kl":
             cfg = stage.reweighting_settings
             hot_fraction, self.temperatures = 0.0, [math.inf, 1.0]  # an empty hot segment, then the target
+            self.warn_below = REWEIGHTED_MIN_ESS
         else:
             assert stage.annealing is not None
             cfg = stage.annealing
