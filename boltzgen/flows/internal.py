@@ -245,7 +245,8 @@ class InternalCoordinates(Bijection):
         self._row2_bond_slot = 0 if int(zmat[2, 1]) == first3[0] else 1
 
     @classmethod
-    def fit(cls, zmatrix: Any, x_data: Tensor, min_std: float = 1e-5, rigid_torsions: bool = True) -> InternalCoordinates:
+    def fit(cls, zmatrix: Any, x_data: Tensor, min_std: float = 1e-5, rigid_torsions: bool = True,
+            circular: Tensor | None = None) -> InternalCoordinates:
         """The transform of ``zmatrix`` standardized by statistics of ``x_data``.
 
         ``x_data``: samples ``[n, 3N]`` (or ``[n, N, 3]``) in nm, n >= 2. Means and standard
@@ -253,7 +254,8 @@ class InternalCoordinates(Bijection):
         are stored as buffers in the dtype of ``x_data``, on its device. Torsions are rotated by
         their circular mean. With ``rigid_torsions``, a torsion whose deviations from that mean have
         a standard deviation of at most ``pi / RIGID_TORSION_MIN_BOUND`` (15 deg) is rigid: scaled by
-        it, not circular (see the class doc).
+        it, not circular (see the class doc). ``circular`` ``[N-3]`` bool, if given, says which
+        torsions are circular instead (a checkpoint's layout).
         """
         plain = cls(zmatrix)
         if x_data.shape[0] < 2:
@@ -266,8 +268,9 @@ class InternalCoordinates(Bijection):
             mean[torsions] = torch.atan2(torch.sin(ic[:, torsions]).mean(0), torch.cos(ic[:, torsions]).mean(0))
             deviation = wrap_angle(ic[:, torsions] - mean[torsions])
             std[torsions] = deviation.pow(2).mean(0).sqrt().clamp_min(min_std)
-            circular = std[torsions] > math.pi / RIGID_TORSION_MIN_BOUND if rigid_torsions \
-                else torch.ones(plain.n_torsions, dtype=torch.bool)
+            if circular is None:
+                circular = std[torsions] > math.pi / RIGID_TORSION_MIN_BOUND if rigid_torsions \
+                    else torch.ones(plain.n_torsions, dtype=torch.bool)
         return cls(plain.zmatrix.cpu().numpy(), mean=mean, std=std, circular=circular).to(x_data.device)
 
     def split(self, ic: Tensor) -> tuple[Tensor, Tensor, Tensor]:

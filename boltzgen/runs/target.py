@@ -256,13 +256,15 @@ def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | Non
     """The internal or mixed coordinate transform of a molecule.
 
     ``x_data`` ``[n, dim]`` (nm) fits the standardization; ``None`` builds placeholders of the right
-    shapes, to be filled by a checkpoint, with the latent layout ``circular`` ``[3N-6]`` bool (the
-    saved prior's; default: every torsion circular). One structure (``n = 1``, training without data, see
+    shapes, to be filled by a checkpoint. ``circular`` ``[3N-6]`` bool, a checkpoint's latent layout
+    (its prior's), says which torsions are circular; without it the data (or the energy) decide, and
+    placeholders make every torsion circular. One structure (``n = 1``, training without data, see
     :func:`reference_structure`) centres internal coordinates on it, with :data:`REFERENCE_STD`.
     """
     topology = target.topology
     n_atoms = topology.n_atoms
     data = None if x_data is None else x_data.to(torch.float64)
+    torsions = None if circular is None else circular[2 * n_atoms - 3:]
     if data is not None and data.shape[0] == 1:
         if config.coordinates.type != "internal":
             raise RunError(f"coordinates.type {config.coordinates.type}: training without data needs coordinates.type "
@@ -271,15 +273,17 @@ def build_coordinates(config: Config, target: Target, x_data: torch.Tensor | Non
         std = torch.full((plain.dim_internal,), REFERENCE_STD["angle"], dtype=torch.float64)
         std[: plain.n_bonds] = REFERENCE_STD["bond"]
         std[plain.n_bonds + plain.n_angles:] = REFERENCE_STD["torsion"]
-        rigid = rigid_torsions_by_scan(plain, data, target.energy) if config.coordinates.rigid_torsions \
-            else torch.zeros(plain.n_torsions, dtype=torch.bool)
-        return InternalCoordinates(plain.zmatrix.cpu().numpy(), mean=plain.internal(data)[0], std=std, circular=~rigid)
+        if torsions is None:
+            rigid = rigid_torsions_by_scan(plain, data, target.energy) if config.coordinates.rigid_torsions \
+                else torch.zeros(plain.n_torsions, dtype=torch.bool)
+            torsions = ~rigid
+        return InternalCoordinates(plain.zmatrix.cpu().numpy(), mean=plain.internal(data)[0], std=std, circular=torsions)
     if config.coordinates.type == "internal":
         zmatrix = zmatrix_from_topology(topology)
         if data is not None:
-            return InternalCoordinates.fit(zmatrix, data, rigid_torsions=config.coordinates.rigid_torsions)
+            return InternalCoordinates.fit(zmatrix, data, rigid_torsions=config.coordinates.rigid_torsions,
+                                           circular=torsions)
         d = 3 * n_atoms - 6
-        torsions = None if circular is None else circular[2 * n_atoms - 3:]
         return InternalCoordinates(zmatrix, mean=torch.zeros(d), std=torch.ones(d), circular=torsions)
     cartesian = config.coordinates.cartesian_atoms or [a.index for a in topology.atoms if a.element.symbol != "H"]
     bonds = [(a.index, b.index) for a, b in topology.bonds]
@@ -325,12 +329,18 @@ def build_generator(config: Config, target: Target, x_data: torch.Tensor | None,
     return BoltzmannGenerator(prior, flow, target.energy)
 
 
+def saved_layout(model_state: dict) -> torch.Tensor | None:
+    """The latent layout ``[dim]`` bool (which latents are circular) that a checkpoint's model state
+    saved with its prior."""
+    saved = model_state.get("prior.circular")
+    return None if saved is None else saved.to(torch.bool).cpu()
+
+
 def load_generator(config: Config, target: Target, checkpoint: Path) -> BoltzmannGenerator:
     """The generator saved in ``checkpoint``, built with the latent layout its prior saved (which
     torsions the fitted coordinates made circular); a RunError when it does not match ``config``."""
     state = read_checkpoint(checkpoint)["model"]
-    saved = state.get("prior.circular")
-    generator = build_generator(config, target, None, None if saved is None else saved.to(torch.bool).cpu())
+    generator = build_generator(config, target, None, saved_layout(state))
     load_model_state(generator, state, checkpoint)
     return generator
 

@@ -40,11 +40,12 @@ from boltzgen.runs.target import (
     build_target,
     load_generator,
     reference_structure,
+    saved_layout,
     select_device,
     to_flow_dtype,
 )
 from boltzgen.symmetry import energy_invariant_rotors, find_rotors, random_relabel
-from boltzgen.training import Trainer, check_recipe, check_stages_distributable
+from boltzgen.training import Trainer, check_recipe, check_stages_distributable, read_checkpoint
 
 #: Energy added to the mirror image (D) of a molecule trained without data, when it rejects wrong chirality (kT).
 CHIRALITY_PENALTY_KT = 1e4
@@ -134,7 +135,9 @@ def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: T
     device, dtype = select_device(config.device), getattr(torch, config.dtype)
     x_train = None if data is None else torch.as_tensor(data.x, dtype=torch.float64)
     reference = reference_structure(target) if x_train is None and target.molecule is not None else None
-    generator = build_generator(config, target, x_train if x_train is not None else reference)
+    # A resumed run keeps its checkpoint's torsion layout, even one fitted by an earlier version.
+    layout = saved_layout(read_checkpoint(run.checkpoint)["model"]) if resuming else None
+    generator = build_generator(config, target, x_train if x_train is not None else reference, layout)
     to_flow_dtype(generator, device, dtype)
     distributed.reseed_ranks(config.seed)  # every rank of a launch its own stream, after the common initialization
     # The Trainer gets the data only when a stage trains on them: they also initialize ActNorm, and

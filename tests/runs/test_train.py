@@ -407,6 +407,19 @@ def circular_alanine_run(tmp_path_factory):
     return out
 
 
+def test_a_run_resumes_with_the_torsion_layout_of_its_checkpoint(circular_alanine_run, tmp_path):
+    """A run whose checkpoint has every torsion circular (as before rigid torsions existed) resumes
+    under the default config: the checkpoint's layout wins over the data's classification."""
+    import shutil
+
+    out = tmp_path / "old"
+    shutil.copytree(circular_alanine_run, out)
+    (out / "summary.json").unlink()
+    assert cli.main(["train", str(ALANINE), "--out", str(out), "--no-progress", "--resume", *TINY_MOLECULE]) == 0
+    run = load_run(RunDir(out))
+    assert bool(run.generator.prior.circular[-(run.target.topology.n_atoms - 3):].all())
+
+
 def test_molecular_summary_counts_chirality_and_reports_md(alanine_run, circular_alanine_run):
     # A rigid improper holds CA's chirality within a few of its 0.08 rad standard deviations (the
     # mirror image is ~50 away), even untrained; circular splines from a uniform prior do not.
