@@ -329,18 +329,12 @@ def build_generator(config: Config, target: Target, x_data: torch.Tensor | None,
     return BoltzmannGenerator(prior, flow, target.energy)
 
 
-def saved_layout(model_state: dict) -> torch.Tensor | None:
-    """The latent layout ``[dim]`` bool (which latents are circular) that a checkpoint's model state
-    saved with its prior."""
-    saved = model_state.get("prior.circular")
-    return None if saved is None else saved.to(torch.bool).cpu()
-
-
 def load_generator(config: Config, target: Target, checkpoint: Path) -> BoltzmannGenerator:
     """The generator saved in ``checkpoint``, built with the latent layout its prior saved (which
     torsions the fitted coordinates made circular); a RunError when it does not match ``config``."""
     state = read_checkpoint(checkpoint)["model"]
-    generator = build_generator(config, target, None, saved_layout(state))
+    saved = state.get("prior.circular")  # without it, load_model_state refuses the checkpoint below
+    generator = build_generator(config, target, None, None if saved is None else saved.to(torch.bool).cpu())
     load_model_state(generator, state, checkpoint)
     return generator
 

@@ -40,12 +40,11 @@ from boltzgen.runs.target import (
     build_target,
     load_generator,
     reference_structure,
-    saved_layout,
     select_device,
     to_flow_dtype,
 )
 from boltzgen.symmetry import energy_invariant_rotors, find_rotors, random_relabel
-from boltzgen.training import Trainer, check_recipe, check_stages_distributable, read_checkpoint
+from boltzgen.training import Trainer, check_recipe, check_stages_distributable
 
 #: Energy added to the mirror image (D) of a molecule trained without data, when it rejects wrong chirality (kT).
 CHIRALITY_PENALTY_KT = 1e4
@@ -76,9 +75,10 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
     device = select_device(config.device)
     target = build_target(config)
     check_train(config, target.shape, run.path)
-    if resuming:
-        load_generator(config, target, run.checkpoint)
-    elif distributed.is_main():
+    # A resumed run keeps its checkpoint's torsion layout (its prior's), even one fitted by an
+    # earlier version; loading it here also checks that the checkpoint matches the config.
+    layout = load_generator(config, target, run.checkpoint).prior.circular if resuming else None
+    if not resuming and distributed.is_main():
         atomic_write_text(run.config, dump_config(resolved))
     energy = target.energy.to(device)
 
@@ -88,7 +88,7 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
     data = distributed.broadcast_from_main(data)  # rank 0 ran the baseline once; the other ranks wait for it
     energy.evaluations, energy.seconds = 0, 0.0
 
-    generator, trainer = _train_flow(config, resolved, run, target, data, resuming, progress)
+    generator, trainer = _train_flow(config, resolved, run, target, data, resuming, layout, progress)
     # Counts and seconds inside energy calls are summed over the ranks of a launch.
     training_evaluations, training_energy_seconds = distributed.sum_over_ranks([energy.evaluations, energy.seconds])
 
@@ -129,14 +129,13 @@ def train(config: Config, resolved: dict[str, Any], run: RunDir, resume: bool = 
 
 
 def _train_flow(config: Config, resolved: dict[str, Any], run: RunDir, target: Target, data: TrainingData | None,
-                resuming: bool, progress: bool) -> tuple[BoltzmannGenerator, Trainer]:
+                resuming: bool, layout: torch.Tensor | None, progress: bool) -> tuple[BoltzmannGenerator, Trainer]:
     """Build the generator (a molecule's coordinates fitted to the data, or centred on its minimized
-    structure without data) and train it, or resume its training."""
+    structure without data, with the latent ``layout`` of a resumed checkpoint) and train it, or
+    resume its training."""
     device, dtype = select_device(config.device), getattr(torch, config.dtype)
     x_train = None if data is None else torch.as_tensor(data.x, dtype=torch.float64)
     reference = reference_structure(target) if x_train is None and target.molecule is not None else None
-    # A resumed run keeps its checkpoint's torsion layout, even one fitted by an earlier version.
-    layout = saved_layout(read_checkpoint(run.checkpoint)["model"]) if resuming else None
     generator = build_generator(config, target, x_train if x_train is not None else reference, layout)
     to_flow_dtype(generator, device, dtype)
     distributed.reseed_ranks(config.seed)  # every rank of a launch its own stream, after the common initialization
