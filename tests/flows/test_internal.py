@@ -12,7 +12,7 @@ import torch
 
 from boltzgen.flows.internal import InternalCoordinates, MixedCoordinates, rigid_torsions_by_scan
 from boltzgen.flows.zmatrix import build_mixed_zmatrix, build_zmatrix, zmatrix_from_topology
-from boltzgen.geometry import find_alpha_carbon_chirality, is_l_chirality
+from boltzgen.geometry import find_alpha_carbon_chirality, is_l_chirality, wrap_angle
 from tests.helpers import BENZENE, BRANCHED, CHAIN
 
 DT = torch.float64
@@ -287,16 +287,12 @@ def test_scan_finds_rigid_torsions_from_the_energy_alone():
     k = torch.tensor([2.0, 200.0, 2.0, 2.0], dtype=DT)
 
     def energy(x: torch.Tensor) -> torch.Tensor:
-        d = wrap(plain.internal(x)[:, plain.n_bonds + plain.n_angles:] - t0)
+        d = wrap_angle(plain.internal(x)[:, plain.n_bonds + plain.n_angles:] - t0)
         u = (k * (1 - torch.cos(d))).sum(1)
         u = torch.where(d[:, 2] > 0.5, torch.nan, u)  # torsion 2: a wall one way
         return torch.where(d[:, 3].abs() > 0.5, torch.inf, u)  # torsion 3: walls both ways
 
     assert rigid_torsions_by_scan(plain, x0, energy).tolist() == [False, True, False, True]
-
-
-def wrap(a: torch.Tensor) -> torch.Tensor:
-    return torch.remainder(a + math.pi, 2 * math.pi) - math.pi
 
 
 def test_torsions_half_open_interval():
