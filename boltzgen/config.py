@@ -192,6 +192,8 @@ class FlowConfig(StrictModel):
     (``autoregressive``); residual: ``iresnet``, ``residual_flow`` (``residual``); and, for reverse-KL
     training only (no inverse): ``planar``, ``radial``, ``sylvester`` (``sylvester``). ``householder: k``
     adds an orthogonal layer of ``k`` Householder reflections after each block (like ``lu``).
+    ``prior``: the latent density of the non-circular latents, ``normal`` or ``logistic`` (heavier
+    tails; for the volume-preserving ``nice``).
     """
 
     type: Literal["neural_spline", "real_nvp", "nice", "maf", "iaf", "iresnet", "residual_flow", "planar", "radial",
@@ -205,6 +207,7 @@ class FlowConfig(StrictModel):
     actnorm: bool = True
     identity_init: bool = True
     householder: int = Field(default=0, ge=0, le=MAX_WIDTH)
+    prior: Literal["normal", "logistic"] = "normal"
     autoregressive: AutoregressiveSettings | None = None
     residual: ResidualSettings | None = None
     sylvester: SylvesterSettings | None = None

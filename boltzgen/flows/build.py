@@ -118,7 +118,8 @@ def build_flow(
 ) -> tuple[Prior, Bijection]:
     """A prior over ``dim`` latents and the flow latent -> state.
 
-    ``circular`` ([dim] bool) flags periodic latents in [-pi, pi): the prior is uniform there, and
+    ``circular`` ([dim] bool) flags periodic latents in [-pi, pi): the prior is uniform there (and
+    ``flow.prior`` elsewhere), and
     only spline layers (``neural_spline``, ``maf``/``iaf`` with the spline transformer) may transform
     them; any other family is refused with a one-line ``ValueError``. ``coordinates`` (e.g. internal ->
     Cartesian) is appended as the last layer, in the sampling direction; ``dim`` is then its latent
@@ -145,7 +146,7 @@ def build_flow(
         layers.append(ActNorm(dim))
     if coordinates is not None:
         layers.append(coordinates)
-    return Prior(dim, circular), Compose(layers)
+    return Prior(dim, circular, base=config.prior), Compose(layers)
 
 
 def flow_capabilities(config: FlowConfig) -> Capabilities:
