@@ -10,7 +10,8 @@ alike; the table gives each one's median and the ratio of the medians to this ch
 
 - ``current``: the package in this checkout;
 - ``baseline REV``: the package at each ``--baseline`` (a git revision, extracted with ``git archive``
-  into a temporary folder with that revision's ``systems/``, whose copy of the config it reads),
+  into a temporary folder with that revision's ``systems/``, whose copy of the config it reads, with
+  its ``flow`` section replaced by this checkout's, so that every variant times the same flow),
   timed by the same worker code; the option may be repeated (e.g. the commit before the speed work
   and ``HEAD``);
 - ``normflows``: the peer library (a benchmark-only dependency, ``pip install normflows``) with a
@@ -19,7 +20,8 @@ alike; the table gives each one's median and the ratio of the medians to this ch
   same batches of internal coordinates. Its step leaves out the internal-coordinate transform and
   the energy, which ours include, so the comparison favours the peer.
 
-Each variant runs in a fresh process (one torch thread, as ``cpu_threads: 1`` in the configs) and
+Each variant runs in a fresh process (one torch thread, as ``cpu_threads: 1`` in the configs, or
+``--threads``, with the wall clock) and
 measures, for each training stage of the config at its own batch size, optimization steps per
 second through :class:`boltzgen.training.Trainer` (loss, backward, clipping, Adam: the whole step
 the ``train`` command takes), and samples per second with log q and the energy at the config's
@@ -73,6 +75,11 @@ def _rate(step: Callable[[], None], per_call: int, seconds: float, warmup: int) 
             return calls * per_call / elapsed
 
 
+def _stage_key(index: int, stage: Any) -> str:
+    """The column of a stage: a baseline's stages may differ from this checkout's in loss or batch."""
+    return f"stage {index} ({stage.loss}, batch {stage.batch}) steps/s"
+
+
 def _setup(config_path: str) -> tuple[Any, Any, Any]:
     """The config, its target and training data ``[4096, 3N]`` float64 (see the module doc)."""
     import torch
@@ -80,7 +87,7 @@ def _setup(config_path: str) -> tuple[Any, Any, Any]:
     from boltzgen.config import load_config
     from boltzgen.runs.target import build_target, reference_structure
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(int(os.environ.get("BOLTZGEN_BENCH_THREADS", "1")))
     torch.manual_seed(0)
     config, _ = load_config(config_path)
     target = build_target(config)
@@ -99,7 +106,7 @@ def _worker_boltzgen(config_path: str, seconds: float) -> dict[str, float]:
         generator.train()
         started = time.perf_counter()
         for i in range(len(config.training)):
-            rates[f"stage {i} steps/s"] = _rate(stage_step(trainer, i, started), 1, seconds, warmup=5)
+            rates[_stage_key(i, config.training[i])] = _rate(stage_step(trainer, i, started), 1, seconds, warmup=5)
     generator.eval()
     batch = min(config.sampling.batch, 10_000)
     rates["samples/s"] = _rate(lambda: generator.sample(batch, batch), batch, seconds, warmup=1)
@@ -140,7 +147,7 @@ def _worker_normflows(config_path: str, seconds: float) -> dict[str, float]:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
-        rates[f"stage {i} steps/s"] = _rate(step, 1, seconds, warmup=5)
+        rates[_stage_key(i, stage)] = _rate(step, 1, seconds, warmup=5)
     batch = min(config.sampling.batch, 10_000)
     with torch.no_grad():
         rates["samples/s"] = _rate(lambda: model.sample(batch), batch, seconds, warmup=1)
@@ -154,8 +161,9 @@ def _worker_normflows(config_path: str, seconds: float) -> dict[str, float]:
 
 
 def _extract(revision: str, folder: Path) -> Path:
-    """The ``boltzgen`` package and the ``systems`` folder at ``revision``, extracted under ``folder``;
-    returns the folder."""
+    """The ``boltzgen`` package and the ``systems`` folder at ``revision``, extracted under ``folder``
+    (created); returns the folder."""
+    folder.mkdir()
     archive = subprocess.run(["git", "-C", str(ROOT), "archive", revision, "boltzgen", "systems"], check=True,
                              capture_output=True).stdout
     with tarfile.open(fileobj=BytesIO(archive)) as tar:
@@ -163,9 +171,22 @@ def _extract(revision: str, folder: Path) -> Path:
     return folder
 
 
-def _run_worker(kind: str, source: Path, config: str, seconds: float, clock: str) -> dict[str, float]:
+def _with_current_flow(source: Path, config: str) -> str:
+    """A copy of ``source``'s ``config`` (next to it, so that its relative paths hold) whose ``flow``
+    section is this checkout's; returns its path relative to ``source``."""
+    import yaml
+
+    theirs = yaml.safe_load((source / config).read_text())
+    theirs["flow"] = yaml.safe_load((ROOT / config).read_text())["flow"]
+    copy = Path(config).with_name(Path(config).stem + ".same-flow.yaml")
+    (source / copy).write_text(yaml.safe_dump(theirs, sort_keys=False))
+    return str(copy)
+
+
+def _run_worker(kind: str, source: Path, config: str, seconds: float, clock: str, threads: int) -> dict[str, float]:
     """One worker process; it reads ``config`` relative to ``source`` (a baseline uses its own copy)."""
-    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": "1", "BOLTZGEN_BENCH_CLOCK": clock}
+    env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "BOLTZGEN_BENCH_CLOCK": clock,
+           "BOLTZGEN_BENCH_THREADS": str(threads)}
     out = subprocess.run([sys.executable, __file__, "--worker", kind, "--config", config, "--seconds", str(seconds)],
                          env=env, cwd=source, check=False, capture_output=True, text=True)
     if out.returncode:
@@ -180,7 +201,8 @@ def _table(results: dict[str, list[dict[str, float]]]) -> tuple[str, dict[str, d
     lines = ["| variant | parameters | " + " | ".join(keys) + " |", "|---" * (len(keys) + 2) + "|"]
     for name, m in medians.items():
         cells = [f"{m[k]:.1f}" if k in m else "—" for k in keys]
-        ratios = [f"{medians['current'][k] / m[k]:.2f}x" if k in m and name != "current" else "" for k in keys]
+        ratios = [f"{medians['current'][k] / m[k]:.2f}x" if k in m and k in medians["current"] and name != "current"
+                  else "" for k in keys]
         lines.append(f"| {name} | {int(m['parameters']):,} | "
                      + " | ".join(c + (f" (current {r})" if r else "") for c, r in zip(cells, ratios)) + " |")
     return "\n".join(lines), medians
@@ -195,6 +217,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per stage and variant per round")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
                         help="time steps by wall clock, or by each worker's CPU time (steadier on a shared machine)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of every variant (wall clock only)")
     parser.add_argument("--no-peer", action="store_true", help="leave out normflows")
     parser.add_argument("--json", type=Path)
     parser.add_argument("--worker", choices=["boltzgen", "normflows"], help=argparse.SUPPRESS)
@@ -205,25 +228,27 @@ def main() -> None:
         worker = _worker_boltzgen if args.worker == "boltzgen" else _worker_normflows
         print(json.dumps(worker(args.config, args.seconds)))
         return
+    if args.threads > 1 and args.clock == "cpu":
+        parser.error("--threads above 1 needs --clock wall: the CPU clock adds up the threads' time")
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"current": ("boltzgen", ROOT)}
+        variants = {"current": ("boltzgen", ROOT, args.config)}
         for i, revision in enumerate(args.baseline):
-            folder = Path(tmp) / str(i)
-            folder.mkdir()
-            variants[f"baseline {revision}"] = ("boltzgen", _extract(revision, folder))
+            folder = _extract(revision, Path(tmp) / str(i))
+            variants[f"baseline {revision}"] = ("boltzgen", folder, _with_current_flow(folder, args.config))
         if not args.no_peer:
-            variants["normflows"] = ("normflows", ROOT)
+            variants["normflows"] = ("normflows", ROOT, args.config)
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
-            for name, (kind, source) in variants.items():
-                results[name].append(_run_worker(kind, source, args.config, args.seconds, args.clock))
+            for name, (kind, source, config) in variants.items():
+                results[name].append(_run_worker(kind, source, config, args.seconds, args.clock, args.threads))
                 print(f"round {round_ + 1}/{args.rounds} {name}: {results[name][-1]}", file=sys.stderr)
     table, medians = _table(results)
     from boltzgen.config import load_config
 
-    stages = ", ".join(f"stage {i}: {s.loss}, batch {s.batch}" for i, s in enumerate(load_config(args.config)[0].training))
-    print(f"{args.config} ({stages}; normflows: forward KL only, without coordinates or energy), one torch thread, "
-          f"{args.clock} clock, medians of {args.rounds} rounds:\n{table}")
+    flow = load_config(args.config)[0].flow
+    print(f"{args.config} (flow: {flow.blocks} blocks of {flow.hidden}, {flow.bins} bins, in every variant; each "
+          f"variant times its own stages; normflows: forward KL at each stage's batch, without coordinates or "
+          f"energy), {args.threads} torch thread(s), {args.clock} clock, medians of {args.rounds} rounds:\n{table}")
     if args.json:
         args.json.write_text(json.dumps({"config": args.config, "clock": args.clock, "medians": medians,
                                          "rounds": results}, indent=1))
