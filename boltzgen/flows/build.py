@@ -119,9 +119,8 @@ def build_flow(
     """A prior over ``dim`` latents and the flow latent -> state.
 
     ``circular`` ([dim] bool) flags periodic latents in [-pi, pi): the prior is uniform there (and
-    ``flow.prior`` elsewhere), and
-    only spline layers (``neural_spline``, ``maf``/``iaf`` with the spline transformer) may transform
-    them; any other family is refused with a one-line ``ValueError``. ``coordinates`` (e.g. internal ->
+    ``config.prior`` elsewhere), and only spline layers (``neural_spline``, ``maf``/``iaf`` with the
+    spline transformer) may transform them; any other family is refused with a one-line ``ValueError``. ``coordinates`` (e.g. internal ->
     Cartesian) is appended as the last layer, in the sampling direction; ``dim`` is then its latent
     dimension. After each block come an ``LULinear`` (``lu``) and a ``HouseholderLinear``
     (``householder: k``) where asked for and no latent is circular; ActNorm ends the flow.

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor, nn
 
 Base = Literal["normal", "logistic"]
-BASES = ("normal", "logistic")
+BASES: tuple[str, ...] = get_args(Base)
 #: the smallest uniform draw behind a logistic latent: torch.rand can return exactly 0 (never 1)
 _LOGISTIC_U_MIN = 2.0**-60
 
