@@ -120,10 +120,11 @@ def build_flow(
 
     ``circular`` ([dim] bool) flags periodic latents in [-pi, pi): the prior is uniform there (and
     ``config.prior`` elsewhere), and only spline layers (``neural_spline``, ``maf``/``iaf`` with the
-    spline transformer) may transform them; any other family is refused with a one-line ``ValueError``. ``coordinates`` (e.g. internal ->
-    Cartesian) is appended as the last layer, in the sampling direction; ``dim`` is then its latent
-    dimension. After each block come an ``LULinear`` (``lu``) and a ``HouseholderLinear``
-    (``householder: k``) where asked for and no latent is circular; ActNorm ends the flow.
+    spline transformer) may transform them; any other family is refused with a one-line
+    ``ValueError``. ``coordinates`` (e.g. internal -> Cartesian) is appended as the last layer, in the
+    sampling direction; ``dim`` is then its latent dimension. After each block come an ``LULinear``
+    (``lu``) and a ``HouseholderLinear`` (``householder: k``) where asked for and no latent is
+    circular; ActNorm ends the flow.
     """
     circular = torch.zeros(dim, dtype=torch.bool) if circular is None else circular.to(torch.bool)
     has_circular = bool(circular.any())
