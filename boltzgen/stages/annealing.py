@@ -34,6 +34,16 @@ DRAW_BATCH = 65536
 REWEIGHTED_MIN_ESS = 0.05
 
 
+def truncate_log_weights(log_w: Tensor) -> tuple[Tensor, int]:
+    """Log-weights ``[N]`` with every weight above sqrt(N) times the mean weight cut to that
+    (truncated importance sampling, Ionides 2008: the cut's bias vanishes as N grows, and no sample
+    carries more than 1/sqrt(N) of the total). Returns them and how many were cut. ``-inf`` (weight 0)
+    entries stay as they are."""
+    cap = torch.logsumexp(log_w, dim=0) - 0.5 * math.log(log_w.numel())
+    above = log_w > cap
+    return torch.where(above, cap, log_w), int(above.sum())
+
+
 class AnnealingRunner(StageRunner):
     """An ``annealing`` stage. Its steps: the first ``hot_fraction`` reverse KL at ``temperatures[0]``
     (with the stage's ``u_max``); the rest in equal parts at each lower temperature, fitting the
@@ -48,10 +58,12 @@ class AnnealingRunner(StageRunner):
         self.reverse_kl = reverse_kl
         self.batch, self.u_max = stage.batch, stage.u_max
         self.warn_below: float | None = None
+        self.truncate = False
         if stage.loss == "reweighted_forward_kl":
             cfg = stage.reweighting_settings
             hot_fraction, self.temperatures = 0.0, [math.inf, 1.0]  # an empty hot segment, then the target
             self.warn_below = REWEIGHTED_MIN_ESS
+            self.truncate = cfg.truncate_weights
         else:
             assert stage.annealing is not None
             cfg = stage.annealing
@@ -65,6 +77,7 @@ class AnnealingRunner(StageRunner):
         self.x: Tensor | None = None
         self.log_w: Tensor | None = None
         self.set_ess = math.nan
+        self.n_truncated = 0
 
     def _segment(self) -> int:
         return max(i for i, start in enumerate(self.starts) if start <= self.t)
@@ -84,6 +97,8 @@ class AnnealingRunner(StageRunner):
         self.x = x.detach()
         self.log_w = torch.where(finite, log_w, torch.full_like(log_w, -math.inf))
         self.set_ess = kish_ess(self.log_w.cpu().numpy())
+        if self.truncate:
+            self.log_w, self.n_truncated = truncate_log_weights(self.log_w)
         if self.warn_below is not None and self.set_ess < self.warn_below:
             print(f"boltzgen: warning: reweighted_forward_kl: the flow's {self.samples:,} samples have ESS "
                   f"{self.set_ess:.3g} toward p; fitting so few effective samples can degrade the flow. Train "
@@ -112,11 +127,14 @@ class AnnealingRunner(StageRunner):
         if not bool(finite.any()):
             raise FloatingPointError(f"the flow's log density was not finite on any resampled sample at T = {temperature:g}")
         self.t += 1
-        return StageStep(-log_q[finite].mean(), ess, n_nonfinite,
-                         diagnostics={"temperature": temperature, "anneal_ess": self.set_ess})
+        diagnostics = {"temperature": temperature, "anneal_ess": self.set_ess}
+        if self.truncate:
+            diagnostics["weights_truncated"] = float(self.n_truncated)
+        return StageStep(-log_q[finite].mean(), ess, n_nonfinite, diagnostics=diagnostics)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"t": self.t, "x": self.x, "log_w": self.log_w, "set_ess": self.set_ess}
+        return {"t": self.t, "x": self.x, "log_w": self.log_w, "set_ess": self.set_ess,
+                "n_truncated": self.n_truncated}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         device = next(iter(self.generator.prior.buffers())).device
@@ -124,3 +142,4 @@ class AnnealingRunner(StageRunner):
         self.x = None if state["x"] is None else state["x"].to(device)
         self.log_w = None if state["log_w"] is None else state["log_w"].to(device)
         self.set_ess = float(state["set_ess"])
+        self.n_truncated = int(state.get("n_truncated", 0))

@@ -131,3 +131,36 @@ def test_a_stage_whose_every_energy_is_nonfinite_says_so(tmp_path):
     t = trainer(tmp_path, [FAB_FRESH], energy=InfWhereEnergy(threshold=-1e9))
     with pytest.raises(FloatingPointError, match="non-finite"):
         t.run()
+
+
+def test_truncated_log_weights_cap_each_weight_at_sqrt_n_times_the_mean():
+    """Ionides' rule: no weight above sqrt(N) times the mean of the untruncated weights; those below
+    are untouched, zero weights stay zero, and a set with no outlier is returned unchanged."""
+    from boltzgen.stages.annealing import truncate_log_weights
+
+    log_w = torch.tensor([0.0] * 99 + [20.0, -math.inf], dtype=torch.float64)
+    cut, n_cut = truncate_log_weights(log_w)
+    cap = math.log((99 + math.exp(20.0)) / 101 * math.sqrt(101))
+    assert n_cut == 1 and cut[99].item() == pytest.approx(cap, abs=1e-12)
+    assert torch.equal(cut[:99], log_w[:99]) and cut[100].item() == -math.inf
+    flat = torch.randn(1000, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 0.3
+    same, none_cut = truncate_log_weights(flat)
+    assert none_cut == 0 and torch.equal(same, flat)
+
+
+def test_reweighted_forward_kl_with_truncated_weights_still_corrects_a_biased_fit(tmp_path):
+    """The cut weights still pull a flow fitted to shifted data onto p (as without the cut), and the
+    diagnostics count the weights cut."""
+    energy = GaussianEnergy()
+    data = (energy.mu + 0.6 * energy.sigma + energy.sigma * torch.randn(
+        4000, energy.dim, generator=torch.Generator().manual_seed(3), dtype=torch.float64)).float()
+    fit = TrainingStage(loss="forward_kl", steps=200, batch=256, lr=1e-2)
+    refit = TrainingStage(loss="reweighted_forward_kl", steps=200, batch=256, lr=3e-3,
+                          reweighting={"samples": 4000, "resample_every": 20, "truncate_weights": True})
+    torch.manual_seed(0)
+    t = trainer(tmp_path / "cut", [fit, refit], energy=energy, data=data)
+    t.run()
+    with torch.no_grad():
+        assert kish(t.generator.sample(20000).log_w) > 0.9
+    refit_rows = [row for row in t.diagnostics if row["stage"] == 1]
+    assert refit_rows and all(row["weights_truncated"] >= 0 for row in refit_rows)
