@@ -8,6 +8,7 @@ from torch import Tensor
 from boltzgen.config import FlowConfig
 from boltzgen.flows.autoregressive import InverseAutoregressive, MaskedAutoregressive
 from boltzgen.flows.capabilities import Capabilities
+from boltzgen.flows.nn import set_conditioner_dtype
 from boltzgen.flows.planar import PlanarFlow, RadialFlow
 from boltzgen.flows.priors import Prior
 from boltzgen.flows.residual import ResidualBlock
@@ -137,6 +138,8 @@ def build_flow(
         raise ValueError("flow.householder mixes dimensions and cannot be used with circular coordinates")
     layers: list[Bijection] = []
     for block in _family_blocks(config, dim, circular, seed):
+        if config.conditioner_dtype == "bfloat16":
+            set_conditioner_dtype(block, torch.bfloat16)
         layers.append(block)
         if config.lu and not has_circular:
             layers.append(LULinear(dim, identity_init=config.identity_init))

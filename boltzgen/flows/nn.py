@@ -59,7 +59,15 @@ class MLP(nn.Sequential):
     ``hidden`` lists the hidden widths; ``activation`` is a module class applied after each hidden
     layer. With ``zero_last`` the output layer starts at exactly zero (weights and bias), which is
     what lets coupling layers start as the identity.
+
+    ``compute_dtype`` (None: the input's dtype), set by :func:`set_conditioner_dtype`: with
+    ``torch.bfloat16`` the layers run under autocast (bfloat16 operands, float32 accumulation and
+    weights) and the output is cast back to the input's dtype. The output is still a deterministic
+    function of the input, so a coupling layer built on it stays exactly invertible and its log-det
+    exact for the parameters it predicts.
     """
+
+    compute_dtype: torch.dtype | None = None
 
     def __init__(
         self,
@@ -81,6 +89,20 @@ class MLP(nn.Sequential):
         super().__init__(*layers)
         self.in_dim = in_dim
         self.out_dim = out_dim
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.compute_dtype is None or self.compute_dtype == x.dtype:
+            return super().forward(x)
+        with torch.autocast(device_type=x.device.type, dtype=self.compute_dtype):
+            y = super().forward(x)
+        return y.to(x.dtype)
+
+
+def set_conditioner_dtype(module: nn.Module, dtype: torch.dtype | None) -> None:
+    """Run every :class:`MLP` inside ``module`` in ``dtype`` (None: in its input's dtype)."""
+    for child in module.modules():
+        if isinstance(child, MLP):
+            child.compute_dtype = dtype
 
 
 class MaskedLinear(nn.Linear):

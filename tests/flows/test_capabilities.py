@@ -92,3 +92,12 @@ def test_initialize_from_data_reaches_the_layers_after_the_last_one_without_inve
     first, _, last = flow.layers
     assert bool(last.initialized) and not bool(first.initialized)
     torch.testing.assert_close(last.shift.detach(), data.mean(0))
+
+
+@pytest.mark.parametrize("dtype, expected", [("float32", None), ("bfloat16", torch.bfloat16)])
+def test_conditioner_dtype_reaches_every_coupling_network(dtype, expected):
+    from boltzgen.flows.nn import MLP
+
+    _, flow = build_flow(FlowConfig(type="neural_spline", blocks=3, conditioner_dtype=dtype), 4)
+    networks = [m for m in flow.modules() if isinstance(m, MLP)]
+    assert len(networks) == 3 and all(m.compute_dtype == expected for m in networks)

@@ -13,7 +13,7 @@ from torch import Tensor
 
 from boltzgen.flows.autoregressive import InverseAutoregressive, MaskedAutoregressive
 from boltzgen.flows.capabilities import Capabilities, NoInverseError
-from boltzgen.flows.nn import MLP, circular_embedding, embedding_dim
+from boltzgen.flows.nn import MLP, circular_embedding, embedding_dim, set_conditioner_dtype
 from boltzgen.flows.planar import PlanarFlow, RadialFlow
 from boltzgen.flows.residual import ResidualBlock, exact_log_dets
 from boltzgen.flows.sylvester import HouseholderLinear, SylvesterFlow
@@ -499,3 +499,28 @@ def test_circular_embedding_and_mlp():
     net = MLP(6, 3, [8], zero_last=True)
     assert (net(feats) == 0).all()
     assert MLP(6, 3, [8])(feats).abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------------------------
+# bfloat16 conditioners
+# ----------------------------------------------------------------------------------------------
+
+
+def test_bfloat16_conditioners_keep_a_coupling_layer_exactly_invertible_with_an_exact_logdet():
+    """Under ``set_conditioner_dtype(bfloat16)`` the predicted parameters are rounder (they differ
+    from the float32 network's), but forward and inverse compute the same ones, so the layer still
+    inverts to float32 precision and its log-det matches the autograd Jacobian."""
+    torch.manual_seed(0)
+    layer = SplineCoupling(DIM, MASK, HIDDEN, circular=MIXED_CIRC, identity_init=False).float()
+    z = _sample_inputs(64, MIXED_CIRC).float()
+    x32, _ = layer(z)
+    set_conditioner_dtype(layer, torch.bfloat16)
+    x, ld = layer(z)
+    assert x.dtype == ld.dtype == torch.float32
+    assert 1e-6 < float((x - x32).abs().max()) < 0.1
+    torch.testing.assert_close(layer.inverse(x)[0], z, atol=2e-5, rtol=0)
+    torch.testing.assert_close(ld + layer.inverse(x)[1], torch.zeros_like(ld), atol=2e-5, rtol=0)
+    jacobian = torch.linalg.slogdet(_batch_jacobian(layer.forward, z)).logabsdet
+    torch.testing.assert_close(ld, jacobian, atol=1e-4, rtol=1e-4)
+    set_conditioner_dtype(layer, None)
+    torch.testing.assert_close(layer(z)[0], x32, atol=0, rtol=0)
