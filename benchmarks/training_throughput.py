@@ -3,15 +3,18 @@
 Usage::
 
     python benchmarks/training_throughput.py [--config systems/alanine.yaml] [--baseline REV ...]
-        [--rounds 3] [--seconds 8] [--clock wall|cpu] [--no-peer] [--json FILE]
+        [--set KEY=VALUE ...] [--rounds 3] [--seconds 8] [--clock wall|cpu] [--no-peer] [--json FILE]
 
 The variants are timed taking turns round by round so that a noisy, shared machine slows them
 alike; the table gives each one's median and the ratio of the medians to this checkout:
 
 - ``current``: the package in this checkout;
+- ``current with KEY=VALUE``: the same with the config overrides given by ``--set`` (as ``boltzgen
+  train --set``), e.g. ``--set flow.conditioner_dtype=bfloat16``;
 - ``baseline REV``: the package at each ``--baseline`` (a git revision, extracted with ``git archive``
   into a temporary folder with that revision's ``systems/``, whose copy of the config it reads, with
-  its ``flow`` section replaced by this checkout's, so that every variant times the same flow),
+  its ``flow`` section replaced by this checkout's, so that every variant times the same flow, in
+  float32 conditioners, the only ones earlier commits have),
   timed by the same worker code; the option may be repeated (e.g. the commit before the speed work
   and ``HEAD``);
 - ``normflows``: the peer library (a benchmark-only dependency, ``pip install normflows``) with a
@@ -80,8 +83,9 @@ def _stage_key(index: int, stage: Any) -> str:
     return f"stage {index} ({stage.loss}, batch {stage.batch}) steps/s"
 
 
-def _setup(config_path: str) -> tuple[Any, Any, Any]:
-    """The config, its target and training data ``[4096, 3N]`` float64 (see the module doc)."""
+def _setup(config_path: str, overrides: list[str] | None = None) -> tuple[Any, Any, Any]:
+    """The config (with ``overrides``), its target and training data ``[4096, 3N]`` float64 (see the
+    module doc)."""
     import torch
 
     from boltzgen.config import load_config
@@ -89,17 +93,17 @@ def _setup(config_path: str) -> tuple[Any, Any, Any]:
 
     torch.set_num_threads(int(os.environ.get("BOLTZGEN_BENCH_THREADS", "1")))
     torch.manual_seed(0)
-    config, _ = load_config(config_path)
+    config, _ = load_config(config_path, overrides) if overrides else load_config(config_path)
     target = build_target(config)
     x_ref = reference_structure(target)
     data = x_ref + 0.003 * torch.randn(4096, x_ref.shape[1], dtype=torch.float64)
     return config, target, data
 
 
-def _worker_boltzgen(config_path: str, seconds: float) -> dict[str, float]:
+def _worker_boltzgen(config_path: str, seconds: float, overrides: list[str]) -> dict[str, float]:
     from stage_steps import stage_step, stage_trainer
 
-    config, target, data = _setup(config_path)
+    config, target, data = _setup(config_path, overrides)
     rates: dict[str, float] = {}
     with tempfile.TemporaryDirectory() as folder:
         generator, trainer = stage_trainer(config, target, data, Path(folder))
@@ -178,17 +182,22 @@ def _with_current_flow(source: Path, config: str) -> str:
 
     theirs = yaml.safe_load((source / config).read_text())
     theirs["flow"] = yaml.safe_load((ROOT / config).read_text())["flow"]
+    # The conditioners' precision is this checkout's way to run the flow, not its size; earlier
+    # commits know only float32 (time this checkout in float32 too with --set).
+    theirs["flow"].pop("conditioner_dtype", None)
     copy = Path(config).with_name(Path(config).stem + ".same-flow.yaml")
     (source / copy).write_text(yaml.safe_dump(theirs, sort_keys=False))
     return str(copy)
 
 
-def _run_worker(kind: str, source: Path, config: str, seconds: float, clock: str, threads: int) -> dict[str, float]:
+def _run_worker(kind: str, source: Path, config: str, overrides: list[str], seconds: float, clock: str,
+                threads: int) -> dict[str, float]:
     """One worker process; it reads ``config`` relative to ``source`` (a baseline uses its own copy)."""
     env = {**os.environ, "PYTHONPATH": str(source), "OMP_NUM_THREADS": str(threads), "BOLTZGEN_BENCH_CLOCK": clock,
            "BOLTZGEN_BENCH_THREADS": str(threads)}
-    out = subprocess.run([sys.executable, __file__, "--worker", kind, "--config", config, "--seconds", str(seconds)],
-                         env=env, cwd=source, check=False, capture_output=True, text=True)
+    command = [sys.executable, __file__, "--worker", kind, "--config", config, "--seconds", str(seconds)]
+    command += [f"--set={override}" for override in overrides]
+    out = subprocess.run(command, env=env, cwd=source, check=False, capture_output=True, text=True)
     if out.returncode:
         raise SystemExit(f"{kind} worker ({source}) failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -213,6 +222,9 @@ def main() -> None:
     parser.add_argument("--config", default="systems/alanine.yaml")
     parser.add_argument("--baseline", action="append", default=[],
                         help="git revision to compare against (e.g. HEAD~3); may be repeated")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="also time this checkout with these config overrides (as `boltzgen train --set`); "
+                             "may be repeated")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=float, default=8.0, help="timed seconds per stage and variant per round")
     parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
@@ -225,22 +237,27 @@ def main() -> None:
     if args.worker:
         import boltzgen  # noqa: F401 - first: its OMP_WAIT_POLICY must be set before torch loads OpenMP
 
-        worker = _worker_boltzgen if args.worker == "boltzgen" else _worker_normflows
-        print(json.dumps(worker(args.config, args.seconds)))
+        if args.worker == "boltzgen":
+            print(json.dumps(_worker_boltzgen(args.config, args.seconds, args.set)))
+        else:
+            print(json.dumps(_worker_normflows(args.config, args.seconds)))
         return
     if args.threads > 1 and args.clock == "cpu":
         parser.error("--threads above 1 needs --clock wall: the CPU clock adds up the threads' time")
     with tempfile.TemporaryDirectory() as tmp:
-        variants = {"current": ("boltzgen", ROOT, args.config)}
+        variants = {"current": ("boltzgen", ROOT, args.config, [])}
+        if args.set:
+            variants[f"current with {', '.join(args.set)}"] = ("boltzgen", ROOT, args.config, args.set)
         for i, revision in enumerate(args.baseline):
             folder = _extract(revision, Path(tmp) / str(i))
-            variants[f"baseline {revision}"] = ("boltzgen", folder, _with_current_flow(folder, args.config))
+            variants[f"baseline {revision}"] = ("boltzgen", folder, _with_current_flow(folder, args.config), [])
         if not args.no_peer:
-            variants["normflows"] = ("normflows", ROOT, args.config)
+            variants["normflows"] = ("normflows", ROOT, args.config, [])
         results: dict[str, list[dict[str, float]]] = {name: [] for name in variants}
         for round_ in range(args.rounds):
-            for name, (kind, source, config) in variants.items():
-                results[name].append(_run_worker(kind, source, config, args.seconds, args.clock, args.threads))
+            for name, (kind, source, config, overrides) in variants.items():
+                results[name].append(_run_worker(kind, source, config, overrides, args.seconds, args.clock,
+                                                 args.threads))
                 print(f"round {round_ + 1}/{args.rounds} {name}: {results[name][-1]}", file=sys.stderr)
     table, medians = _table(results)
     from boltzgen.config import load_config
