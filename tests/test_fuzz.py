@@ -82,7 +82,9 @@ def invalid_values(annotation: Any, metadata: list[Any]) -> st.SearchStrategy | 
         if kind is float:
             options.append(st.sampled_from([math.inf, -math.inf, math.nan]))
         else:
-            options.append(st.floats(0.1, 0.9).map(lambda v: (high or 10) * v + 0.5 if high is None or high > 1 else 0.5))
+            # A non-integral float inside the bounds (floor first: a large bound times v can be x.5 already).
+            options.append(st.floats(0.1, 0.9).map(lambda v: math.floor((high or 10) * v) + 0.5
+                                                   if high is None or high > 1 else 0.5))
         return st.one_of(options)
     if typing.get_origin(kind) is typing.Literal:
         allowed = set(typing.get_args(kind))
