@@ -60,8 +60,8 @@ class ReweightingConfig(StrictModel):
     their importance weights toward p, and fitted by maximum likelihood (minibatches resampled by
     weight), drawn afresh every ``resample_every`` steps (``null``: once, at the stage's start).
     ``truncate_weights``: for the fit only, weights above sqrt(N) times their mean are cut to that
-    (truncated importance sampling, Ionides 2008), so that one sample in a hole of q cannot fill
-    whole minibatches; estimates after training always use the full weights."""
+    (truncated importance sampling, Ionides 2008), so that one sample in a hole of q does not fill
+    nearly every minibatch; estimates after training always use the full weights."""
 
     samples: int = Field(default=100_000, ge=2, le=MAX_STORED)
     resample_every: int | None = Field(default=250, ge=1, le=MAX_STEPS)
