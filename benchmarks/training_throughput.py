@@ -93,7 +93,7 @@ def _setup(config_path: str, overrides: list[str] | None = None) -> tuple[Any, A
 
     torch.set_num_threads(int(os.environ.get("BOLTZGEN_BENCH_THREADS", "1")))
     torch.manual_seed(0)
-    config, _ = load_config(config_path, overrides) if overrides else load_config(config_path)
+    config, _ = load_config(config_path, overrides)
     target = build_target(config)
     x_ref = reference_structure(target)
     data = x_ref + 0.003 * torch.randn(4096, x_ref.shape[1], dtype=torch.float64)

@@ -82,7 +82,8 @@ def invalid_values(annotation: Any, metadata: list[Any]) -> st.SearchStrategy | 
         if kind is float:
             options.append(st.sampled_from([math.inf, -math.inf, math.nan]))
         else:
-            # A non-integral float inside the bounds (floor first: a large bound times v can be x.5 already).
+            # A non-integral float inside the bounds: floor first, since bound * v can end in .5, and + 0.5
+            # would then make it an integer (2^32 - 1 times 0.5, plus 0.5, is a valid seed).
             options.append(st.floats(0.1, 0.9).map(lambda v: math.floor((high or 10) * v) + 0.5
                                                    if high is None or high > 1 else 0.5))
         return st.one_of(options)

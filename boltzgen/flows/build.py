@@ -138,8 +138,6 @@ def build_flow(
         raise ValueError("flow.householder mixes dimensions and cannot be used with circular coordinates")
     layers: list[Bijection] = []
     for block in _family_blocks(config, dim, circular, seed):
-        if config.conditioner_dtype == "bfloat16":
-            set_conditioner_dtype(block, torch.bfloat16)
         layers.append(block)
         if config.lu and not has_circular:
             layers.append(LULinear(dim, identity_init=config.identity_init))
@@ -149,7 +147,10 @@ def build_flow(
         layers.append(ActNorm(dim))
     if coordinates is not None:
         layers.append(coordinates)
-    return Prior(dim, circular, base=config.prior), Compose(layers)
+    flow = Compose(layers)
+    if config.conditioner_dtype == "bfloat16":
+        set_conditioner_dtype(flow, torch.bfloat16)
+    return Prior(dim, circular, base=config.prior), flow
 
 
 def flow_capabilities(config: FlowConfig) -> Capabilities:
